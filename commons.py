@@ -1,0 +1,146 @@
+"""Helpers shared by the scripts: logging, output folders, seeds and RNG states, atomic writes, devices."""
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import traceback
+from datetime import datetime
+
+import numpy as np
+import torch
+
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def make_unique_folder(parent, name):
+    """Creates parent/name, or parent/name_1, _2... if it exists: two runs started in the same second never
+    share (or overwrite) a folder. os.makedirs(exist_ok=False) is atomic, so concurrent runs cannot race."""
+    os.makedirs(parent, exist_ok=True)
+    candidate, suffix = os.path.join(parent, name), 0
+    while True:
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = os.path.join(parent, f"{name}_{suffix}")
+
+
+def make_output_folder(save_dir, logs_root="logs"):
+    return make_unique_folder(os.path.join(logs_root, save_dir), datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def setup_logging(output_folder, console="info", info_filename="info.log", debug_filename="debug.log"):
+    """Logs to output_folder/info.log (info and above), debug.log (everything) and the console.
+    Files are opened in append mode: nothing a user has is ever overwritten."""
+    os.makedirs(output_folder, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.DEBUG)
+    formatter = logging.Formatter("%(asctime)s   %(message)s", "%Y-%m-%d %H:%M:%S")
+    for filename, level in ((info_filename, logging.INFO), (debug_filename, logging.DEBUG)):
+        if filename is not None:
+            handler = logging.FileHandler(os.path.join(output_folder, filename), mode="a")
+            handler.setLevel(level)
+            handler.setFormatter(formatter)
+            root.addHandler(handler)
+    if console is not None:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setLevel(getattr(logging, console.upper()))
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    for noisy in ("PIL", "matplotlib", "urllib3", "timm", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    def log_exception(exc_type, value, tb):
+        logging.error("".join(traceback.format_exception(exc_type, value, tb)))
+    sys.excepthook = log_exception
+
+
+def git_commit():
+    """The project's git commit (with '-dirty' when there are uncommitted changes), or 'unknown'."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (commit + ("-dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_deterministic(seed=0):
+    """Seeds every RNG. On the CPU this makes runs bit-exact; on CUDA cuDNN autotuning stays on (speed)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def get_rng_states():
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def atomic_write(path, write_function, mode="wb"):
+    """Writes through a temporary file in the same folder, then renames it over path: a kill at any moment
+    leaves either the previous file or the new one, never a truncated one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    file_descriptor, temporary_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(file_descriptor, mode) as file:
+            write_function(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary_path, path)
+    except BaseException:
+        if os.path.exists(temporary_path):
+            os.remove(temporary_path)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def atomic_json_dump(obj, path):
+    atomic_write(path, lambda file: json.dump(obj, file, indent=2, default=str), mode="w")
+
+
+def append_jsonl(record, path):
+    """One JSON object per line; appending a line is safe for logs that must never be overwritten."""
+    with open(path, "a") as file:
+        file.write(json.dumps(record, default=float) + "\n")
+
+
+def resolve_device(device):
+    """'auto' -> 'cuda' when available, else 'cpu'; an explicit 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
+    return device
+
+
+def move_optimizer_to_device(optimizer, device):
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = value.to(device)

@@ -1,0 +1,104 @@
+"""File-name format of the geo-localization benchmarks (SF-XS, SF-XL, Tokyo-XS, Pitts30k...).
+
+Every image is named `@east@north@zone@letter@lat@lon@pano@tile@heading@pitch@roll@height@yyyymm@note@.jpg`:
+splitting on '@' gives UTM east in field 1, UTM north in field 2 and the heading in field 9.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from glob import glob
+
+import numpy as np
+
+EXPECTED_FORMAT = "@utm_east@utm_north@zone@letter@lat@lon@pano_id@tile@heading@pitch@roll@height@yyyymm@note@.jpg"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+QUERY_FOLDER_NAMES = ("queries", "queries_v1")
+
+
+class DatasetError(ValueError):
+    """A problem with the user's dataset, with a message that says what to fix."""
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    utm_east: float
+    utm_north: float
+    heading: float
+    zone: str = ""
+    letter: str = ""
+    lat: str = ""
+    lon: str = ""
+    date: str = ""
+
+
+def parse_image_name(path):
+    """Reads UTM east/north and heading from a file name; raises DatasetError naming the file otherwise.
+
+    A missing heading (empty field 9, as in database images of some datasets) counts as 0.
+    """
+    fields = os.path.basename(path).split("@")
+    if len(fields) < 3:
+        raise DatasetError(f"{path}: file name does not follow the '@' format, expected {EXPECTED_FORMAT}")
+    try:
+        utm_east, utm_north = float(fields[1]), float(fields[2])
+        heading = float(fields[9]) if len(fields) > 9 and fields[9] != "" else 0.0
+    except ValueError:
+        raise DatasetError(f"{path}: UTM east (field 1), UTM north (field 2) and heading (field 9) must be numbers, "
+                           f"expected {EXPECTED_FORMAT}") from None
+    if not (np.isfinite(utm_east) and np.isfinite(utm_north) and np.isfinite(heading)):
+        raise DatasetError(f"{path}: UTM coordinates and heading must be finite numbers, expected {EXPECTED_FORMAT}")
+    get = lambda i: fields[i] if len(fields) > i else ""
+    return ImageMetadata(utm_east, utm_north, heading, zone=get(3), letter=get(4), lat=get(5), lon=get(6), date=get(13))
+
+
+def format_image_name(utm_east, utm_north, zone="", letter="", lat="", lon="", pano_id="", heading=0.0,
+                      date="", note="", prefix=""):
+    """Builds a file name in the benchmark format (the inverse of parse_image_name)."""
+    fields = [prefix, f"{utm_east:.2f}", f"{utm_north:.2f}", str(zone), str(letter),
+              f"{lat:.5f}" if isinstance(lat, float) else str(lat), f"{lon:.5f}" if isinstance(lon, float) else str(lon),
+              pano_id, "", f"{heading:g}", "", "", "", str(date), note, ".jpg"]
+    return "@".join(fields)
+
+
+def find_images(folder):
+    """All images under folder (recursively), sorted, or a DatasetError if there are none."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"Folder {folder} does not exist")
+    paths = sorted(p for p in glob(os.path.join(folder, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    if len(paths) == 0:
+        raise DatasetError(f"Folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def find_queries_folder(dataset_folder):
+    """The queries of a test set are in `queries/` (most datasets) or `queries_v1/` (SF-XL val/test)."""
+    for name in QUERY_FOLDER_NAMES:
+        if os.path.isdir(os.path.join(dataset_folder, name)):
+            return os.path.join(dataset_folder, name)
+    raise DatasetError(f"{dataset_folder} has no queries folder: expected one of {', '.join(QUERY_FOLDER_NAMES)}")
+
+
+def read_utms(paths, on_bad_name="error"):
+    """Returns (kept_paths, utms[N,2], headings[N]) parsed from file names.
+
+    on_bad_name='skip' drops files whose name does not parse and logs how many; 'error' raises on the first.
+    """
+    kept, utms, headings, bad = [], [], [], []
+    for path in paths:
+        try:
+            metadata = parse_image_name(path)
+        except DatasetError:
+            if on_bad_name == "error":
+                raise
+            bad.append(path)
+            continue
+        kept.append(path)
+        utms.append((metadata.utm_east, metadata.utm_north))
+        headings.append(metadata.heading)
+    if bad:
+        logging.warning(f"Skipped {len(bad)} files whose name does not follow {EXPECTED_FORMAT}, e.g. {bad[0]}")
+    if len(kept) == 0:
+        raise DatasetError(f"None of the {len(paths)} files has a name in the format {EXPECTED_FORMAT}")
+    return kept, np.array(utms, dtype=np.float64).reshape(-1, 2), np.array(headings, dtype=np.float64)

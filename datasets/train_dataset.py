@@ -1,0 +1,155 @@
+"""CosPlace training set: classes are UTM cells of M metres x heading bins of alpha degrees, split into
+groups so that classes of the same group are at least M*(N-1) metres (or alpha*(L-1) degrees) apart."""
+
+import hashlib
+import json
+import logging
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from datasets.dataset_utils import DatasetError, find_images, read_utms
+from datasets.image_loading import ImageLoadError, load_image_tensor
+
+CACHE_VERSION = 1
+
+
+def get_class_id_and_group_id(utm_east, utm_north, heading, M, alpha, N, L):
+    """Returns class_id = (east, north, heading) rounded down to M metres / alpha degrees, and
+    group_id = (east_cell mod N, north_cell mod N, heading_cell mod L), as defined by CosPlace."""
+    rounded_utm_east = int(utm_east // M * M)
+    rounded_utm_north = int(utm_north // M * M)
+    rounded_heading = int(heading // alpha * alpha)
+    class_id = (rounded_utm_east, rounded_utm_north, rounded_heading)
+    group_id = (rounded_utm_east % (M * N) // M,
+                rounded_utm_north % (M * N) // M,
+                rounded_heading % (alpha * L) // alpha)
+    return class_id, group_id
+
+
+def compute_groups(paths, utms, headings, M, alpha, N, L, min_images_per_class):
+    """Returns a list of groups, largest first; each group is a list of classes, each class a list of paths."""
+    images_per_class = defaultdict(list)
+    classes_per_group = defaultdict(set)
+    for path, (east, north), heading in zip(paths, utms, headings):
+        class_id, group_id = get_class_id_and_group_id(east, north, heading, M, alpha, N, L)
+        images_per_class[class_id].append(path)
+        classes_per_group[group_id].add(class_id)
+    kept_classes = {c for c, images in images_per_class.items() if len(images) >= min_images_per_class}
+    groups = []
+    for group_id in sorted(classes_per_group):
+        classes = sorted(c for c in classes_per_group[group_id] if c in kept_classes)
+        if classes:
+            groups.append([images_per_class[c] for c in classes])
+    # Stable sort by size: ties keep the order of the group ids, so the result is deterministic
+    return sorted(groups, key=len, reverse=True)
+
+
+def cache_key(folder, paths, M, alpha, N, L, min_images_per_class):
+    """A hash of everything the groups depend on: the dataset's absolute path, the parameters, the file list."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, os.path.abspath(folder), M, alpha, N, L, min_images_per_class]).encode())
+    for path in paths:
+        digest.update(path.encode() + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def load_groups(folder, M, alpha, N, L, min_images_per_class, cache_folder="cache", on_bad_name="error"):
+    """Computes the groups of a training folder, or reads them from an on-disk cache that cannot be stale."""
+    paths = find_images(folder)
+    key = cache_key(folder, paths, M, alpha, N, L, min_images_per_class)
+    cache_path = os.path.join(cache_folder, f"groups_{os.path.basename(os.path.normpath(folder))}_{key}.pt")
+    if os.path.exists(cache_path):
+        logging.debug(f"Loading the classes from the cache {cache_path}")
+        relative_groups = torch.load(cache_path, weights_only=False)
+        return [[[os.path.join(folder, p) for p in c] for c in g] for g in relative_groups]
+    logging.info(f"Computing the classes of {folder} ({len(paths)} images, M={M}, alpha={alpha}, N={N}, L={L})")
+    kept_paths, utms, headings = read_utms(paths, on_bad_name)
+    groups = compute_groups(kept_paths, utms, headings, M, alpha, N, L, min_images_per_class)
+    # The cache stores paths relative to the folder, so it stays small and valid if only the key matches
+    relative_groups = [[[os.path.relpath(p, folder) for p in c] for c in g] for g in groups]
+    os.makedirs(cache_folder, exist_ok=True)
+    from commons import atomic_torch_save  # late import: commons imports torch-heavy modules
+    atomic_torch_save(relative_groups, cache_path)
+    return groups
+
+
+def check_groups(groups, groups_num, min_images_per_class, folder):
+    """Clear errors for the two ways a training set can be too small for the requested recipe."""
+    if len(groups) == 0:
+        raise DatasetError(f"No class of {folder} has at least --min_images_per_class {min_images_per_class} images: "
+                           f"lower --min_images_per_class or increase --M / --alpha")
+    if len(groups) < groups_num:
+        raise DatasetError(f"{folder} has {len(groups)} group(s) with classes of at least {min_images_per_class} "
+                           f"images, but --groups_num is {groups_num}: use --groups_num {len(groups)}")
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """One CosPlace group. Items are indexed by (class_index, image_index) pairs chosen by ClassBatchSampler,
+    so that which images a batch holds depends only on (seed, epoch, iteration): resuming is exact."""
+
+    def __init__(self, classes, image_size, on_bad_image="error"):
+        super().__init__()
+        self.classes = classes
+        self.image_size = image_size
+        self.on_bad_image = on_bad_image
+
+    def __len__(self):
+        return len(self.classes)
+
+    def __getitem__(self, index):
+        class_index, image_index = index
+        images = self.classes[class_index]
+        for attempt in range(len(images)):
+            path = images[(image_index + attempt) % len(images)]
+            try:
+                return load_image_tensor(path, self.image_size), class_index
+            except ImageLoadError:
+                if self.on_bad_image == "error":
+                    raise
+                logging.warning(f"Skipping unreadable image {path}")
+        raise ImageLoadError(f"No image of class {class_index} can be read, e.g. {images[0]}")
+
+    @property
+    def images_num(self):
+        return sum(len(c) for c in self.classes)
+
+
+class ClassBatchSampler(torch.utils.data.Sampler):
+    """Infinite stream of batches of distinct classes, one random image each, as CosPlace samples.
+
+    Each pass over the group is a random permutation of its classes cut into batches (the remainder is
+    dropped, as upstream's drop_last). Batch `iteration` of `epoch` is a pure function of the seed, so a
+    run resumed at any iteration sees exactly the batches of an uninterrupted run. With several processes
+    (DDP) each rank takes its own slice of the global batch.
+    """
+
+    def __init__(self, classes_sizes, batch_size, seed, epoch, start_iteration=0, rank=0, world_size=1):
+        self.classes_sizes = np.asarray(classes_sizes)
+        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.start_iteration, self.rank, self.world_size = start_iteration, rank, world_size
+        global_batch = batch_size * world_size
+        if global_batch > len(classes_sizes):
+            raise DatasetError(f"The group has {len(classes_sizes)} classes, fewer than the batch size "
+                               f"{global_batch} (--batch_size x processes): lower --batch_size")
+        self.batches_per_pass = len(classes_sizes) // global_batch
+
+    def batch(self, iteration):
+        pass_num, batch_num = divmod(iteration, self.batches_per_pass)
+        permutation = np.random.default_rng([self.seed, self.epoch, pass_num]).permutation(len(self.classes_sizes))
+        start = (batch_num * self.world_size + self.rank) * self.batch_size
+        classes = permutation[start: start + self.batch_size]
+        image_rng = np.random.default_rng([self.seed, self.epoch, pass_num, batch_num, self.rank])
+        images = (image_rng.random(len(classes)) * self.classes_sizes[classes]).astype(np.int64)
+        return [(int(c), int(i)) for c, i in zip(classes, images)]
+
+    def __iter__(self):
+        iteration = self.start_iteration
+        while True:
+            yield self.batch(iteration)
+            iteration += 1
+
+    def __len__(self):  # infinite; DataLoader only needs it for len(dataloader)
+        return 2 ** 62

@@ -1,0 +1,74 @@
+"""The geo-localization network: backbone (feature map) + aggregation (L2-normalised global descriptor)."""
+
+import os
+import pickle
+import zipfile
+
+import torch
+from torch import nn
+
+from model.aggregators import get_aggregator
+from model.backbones import get_backbone
+
+
+class GeoLocalizationNet(nn.Module):
+    def __init__(self, backbone="resnet18", fc_output_dim=512, aggregator="gem", pretrained="imagenet",
+                 train_all_layers=False):
+        super().__init__()
+        self.backbone, features_dim = get_backbone(backbone, pretrained, train_all_layers)
+        self.aggregation = get_aggregator(aggregator, features_dim, fc_output_dim)
+        self.fc_output_dim = fc_output_dim
+
+    def forward(self, x):
+        return self.aggregation(self.backbone(x))
+
+
+def build_model(args):
+    """The model described by the parsed arguments (one place, so train/eval/geolocalize agree)."""
+    return GeoLocalizationNet(args.backbone, args.fc_output_dim, args.aggregator, args.pretrained,
+                              args.train_all_layers)
+
+
+class CheckpointError(ValueError):
+    """A weights file that is missing, not a checkpoint, or made for another architecture."""
+
+
+def read_checkpoint(path):
+    """Loads a checkpoint file, or raises CheckpointError saying what is wrong with it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def extract_model_state_dict(checkpoint, path):
+    """Accepts a plain state dict (our best_model.pth, the released CosPlace weights), one of our training
+    checkpoints (key model_state_dict), and DDP state dicts (keys prefixed by 'module.')."""
+    if isinstance(checkpoint, dict) and "model_state_dict" in checkpoint:
+        checkpoint = checkpoint["model_state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(k, str) for k in checkpoint):
+        raise CheckpointError(f"{path} is not a model checkpoint: expected a state dict")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+
+
+def load_model_weights(model, path):
+    """Loads weights into model, with an error naming the keys and shapes that do not match."""
+    state_dict = extract_model_state_dict(read_checkpoint(path), path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                    for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong_shapes:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} keys missing from the checkpoint, e.g. {missing[:4]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
+        if wrong_shapes:
+            details.append(f"{len(wrong_shapes)} shapes differ, e.g. {wrong_shapes[:3]}")
+        raise CheckpointError(f"{path} does not fit this model (--backbone, --aggregator, --fc_output_dim?): "
+                              + "; ".join(details))
+    model.load_state_dict(state_dict)
