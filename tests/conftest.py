@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny synthetic dataset, the real mini dataset (skipped when absent), script runners."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SF_XS_NIGHT_MINI = os.path.join(REPO_ROOT, "..", "shared", "data", "sf_xs_night_mini")
+
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """40 training classes of 10 images, val and test with 12 places (24 database images, 12 queries), 64 px."""
+    from datasets.synthetic import generate_dataset
+    folder = str(tmp_path_factory.mktemp("synthetic"))
+    return generate_dataset(folder, train_places=40, val_places=12, test_places=12, images_per_train_place=10,
+                            view_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sf_xs_night_mini():
+    if not os.path.isdir(SF_XS_NIGHT_MINI):
+        pytest.skip(f"real-image dataset not found at {os.path.normpath(SF_XS_NIGHT_MINI)} "
+                    f"(../shared/data/sf_xs_night_mini beside the checkout): integration test skipped")
+    return SF_XS_NIGHT_MINI
+
+
+def run_script(script, *args, check=True, timeout=600, env=None):
+    """Runs one of the project's scripts in a subprocess (as a user would); fails with its output on error."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, args)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        pytest.fail(f"{script} {' '.join(map(str, args))} exited with {result.returncode}\n"
+                    f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-5000:]}")
+    return result
+
+
+def tiny_training_args(dataset_folder, tmp_path, *extra):
+    """Flags of a few-second training run on the synthetic dataset."""
+    return ["--dataset_folder", dataset_folder, "--groups_num", "1", "--epochs_num", "1", "--iterations_per_epoch", "3",
+            "--batch_size", "8", "--image_size", "64", "--pretrained", "none", "--num_workers", "0",
+            "--device", "cpu", "--logs_root", os.path.join(tmp_path, "logs"),
+            "--cache_folder", os.path.join(tmp_path, "cache"), *extra]
+
+
+def run_folders(tmp_path, save_dir="default"):
+    """The run folders under tmp_path/logs/<save_dir>, oldest first."""
+    return sorted(glob.glob(os.path.join(tmp_path, "logs", save_dir, "*")), key=os.path.getmtime)
