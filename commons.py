@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,9 @@ import numpy as np
 import torch
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+UMASK = os.umask(0o022)  # read once at import (os.umask has no getter), then restored
+os.umask(UMASK)
+NEW_FILE_MODE = 0o666 & ~UMASK  # the permissions open() would give a new file
 
 
 def make_unique_folder(parent, name):
@@ -54,13 +58,40 @@ def setup_logging(output_folder, console="info", info_filename="info.log", debug
         handler = logging.StreamHandler(sys.stdout)
         handler.setLevel(getattr(logging, console.upper()))
         handler.setFormatter(formatter)
+        handler.addFilter(lambda record: not getattr(record, "file_only", False))
         root.addHandler(handler)
     for noisy in ("PIL", "matplotlib", "urllib3", "timm", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def log_exception(exc_type, value, tb):
-        logging.error("".join(traceback.format_exception(exc_type, value, tb)))
+        """A bug shows its traceback; an error the user can fix shows one clear line (exit code 1), its
+        traceback only goes to debug.log."""
+        full_traceback = "".join(traceback.format_exception(exc_type, value, tb))
+        message = user_error_message(value)
+        if message is None:
+            logging.error(full_traceback)
+        else:
+            logging.debug(full_traceback, extra={"file_only": True})
+            details = f" (traceback in {os.path.join(output_folder, debug_filename)})" if debug_filename else ""
+            logging.error(f"ERROR: {message}{details}")
     sys.excepthook = log_exception
+
+
+def user_error_message(exception):
+    """The message of an error the user can fix (dataset, image, checkpoint or weights file, diverged loss),
+    None for anything else. An exception raised in a DataLoader worker comes back with the worker's traceback
+    in its message, ending with the line "module.Class: original message": only the message is kept."""
+    from datasets.dataset_utils import DatasetError  # late imports: no cycle if these modules ever use commons
+    from datasets.image_loading import ImageLoadError
+    from model.backbones import PretrainedWeightsUnavailable
+    from model.network import CheckpointError
+    if not isinstance(exception, (DatasetError, ImageLoadError, CheckpointError, PretrainedWeightsUnavailable,
+                                  FloatingPointError)):
+        return None
+    message = str(exception)
+    if "\nOriginal Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 def git_commit():
@@ -73,6 +104,11 @@ def git_commit():
         return (commit + ("-dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def test_set_label(folder):
+    """'sf_xs/val' for .../sf_xs/val: a test set's dataset and split, unique where its basename is not."""
+    return "/".join(os.path.normpath(os.path.abspath(folder)).split(os.sep)[-2:])
 
 
 def make_deterministic(seed=0):
@@ -105,6 +141,7 @@ def atomic_write(path, write_function, mode="wb"):
     os.makedirs(folder, exist_ok=True)
     file_descriptor, temporary_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.chmod(temporary_path, NEW_FILE_MODE)  # mkstemp's 0600 would hide results from other users
         with os.fdopen(file_descriptor, mode) as file:
             write_function(file)
             file.flush()
@@ -114,6 +151,11 @@ def atomic_write(path, write_function, mode="wb"):
         if os.path.exists(temporary_path):
             os.remove(temporary_path)
         raise
+    directory_descriptor = os.open(folder, os.O_RDONLY)
+    try:  # the rename itself survives a power cut only once the folder is synced
+        os.fsync(directory_descriptor)
+    finally:
+        os.close(directory_descriptor)
 
 
 def atomic_torch_save(obj, path):
@@ -122,6 +164,11 @@ def atomic_torch_save(obj, path):
 
 def atomic_json_dump(obj, path):
     atomic_write(path, lambda file: json.dump(obj, file, indent=2, default=str), mode="w")
+
+
+def atomic_copy(source, destination):
+    with open(source, "rb") as source_file:
+        atomic_write(destination, lambda file: shutil.copyfileobj(source_file, file))
 
 
 def append_jsonl(record, path):

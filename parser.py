@@ -3,6 +3,11 @@
 import argparse
 import os
 
+from cosface_loss import MARGIN_HEADS
+from model.aggregators import AGGREGATORS
+from model.backbones import BACKBONES
+from test import FAISS_INDEXES
+
 
 def positive_int(value):
     number = int(value)
@@ -22,8 +27,12 @@ def optional_int(value):
     return None if value.lower() in ("none", "original") else positive_int(value)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and descriptions kept as written (the scripts' docstrings hold example commands)."""
+
+
 def build_parser(is_training=True):
-    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
                                      description="CosPlace: visual geo-localization by classification")
     # CosPlace groups
     group = parser.add_argument_group("CosPlace classes and groups")
@@ -42,6 +51,20 @@ def build_parser(is_training=True):
     group.add_argument("--iterations_per_epoch", type=positive_int, default=10000, help="iterations per epoch")
     group.add_argument("--lr", type=float, default=0.00001, help="learning rate of the backbone and aggregation")
     group.add_argument("--classifiers_lr", type=float, default=0.01, help="learning rate of the CosFace heads")
+    group.add_argument("--optimizer", type=str, default="adam",
+                       help="adam, adamw, sgd or asgd (optimizers.py), for the model and the heads")
+    group.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the optimizers")
+    group.add_argument("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
+    group.add_argument("--scheduler", type=str, default="none",
+                       help="per-epoch lr schedule: none (constant), cosine, step, or plateau (on val R@1)")
+    group.add_argument("--warmup_epochs", type=non_negative_int, default=0,
+                       help="linear lr warm-up: epoch e < W trains at lr * (e+1)/(W+1), then the --scheduler starts")
+    group.add_argument("--scheduler_step_size", type=positive_int, default=10,
+                       help="--scheduler step: epochs between two multiplications of the lr by --scheduler_gamma")
+    group.add_argument("--scheduler_gamma", type=float, default=0.1,
+                       help="lr multiplier of --scheduler step and plateau")
+    group.add_argument("--scheduler_patience", type=non_negative_int, default=2,
+                       help="--scheduler plateau: epochs without a better val R@1 before the lr is reduced")
     group.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none",
                        help="mixed precision on CUDA (ignored on the CPU)")
     group.add_argument("--use_amp16", dest="amp", action="store_const", const="fp16", help="same as --amp fp16")
@@ -55,26 +78,69 @@ def build_parser(is_training=True):
     # Model
     group = parser.add_argument_group("Model")
     group.add_argument("--backbone", type=str, default="resnet18",
-                       help="resnet18, resnet50, resnet101, resnet152, vgg16 (torchvision)")
-    group.add_argument("--aggregator", type=str, default="gem", help="pooling that turns the feature map into a descriptor")
+                       help=f"{', '.join(BACKBONES)} (torchvision, CosPlace's layouts) or any timm model, e.g. "
+                            f"efficientnetv2_s, convnext_tiny, vit_small_patch16_224 (timm.list_models() lists them; "
+                            f"timm/NAME takes timm's version of a torchvision name)")
+    group.add_argument("--aggregator", choices=list(AGGREGATORS), default="gem",
+                       help="pooling that turns the feature map into a descriptor (model/aggregators.py)")
     group.add_argument("--fc_output_dim", type=positive_int, default=512, help="descriptor dimension")
     group.add_argument("--train_all_layers", action="store_true",
-                       help="train every backbone layer (default: freeze the layers before ResNet's layer3)")
+                       help="train every backbone layer (default: see --trainable_stages)")
+    group.add_argument("--trainable_stages", type=non_negative_int, default=None,
+                       help="train only the last K stages of the backbone, freeze the others (ResNet: stem, layer1..4; "
+                            "VGG16: its 5 conv blocks; timm: the modules of its feature_info, e.g. ViT blocks); "
+                            "default: CosPlace's, 2 for ResNets (layer3, layer4), 1 for VGG16 (its last 5 layers), "
+                            "2 for timm models")
     group.add_argument("--pretrained", type=str, default="imagenet",
                        help="backbone initialisation: 'imagenet' (downloaded once), 'none', or a path to a weights file")
-    group.add_argument("--loss", type=str, default="cosface", help="margin head of the per-group classifiers")
+    group.add_argument("--loss", choices=list(MARGIN_HEADS), default="cosface",
+                       help="margin head of the per-group classifiers (cosface_loss.py)")
     group.add_argument("--loss_scale", type=float, default=30.0, help="scale s of the margin head's logits")
-    group.add_argument("--loss_margin", type=float, default=0.40, help="margin m of the margin head")
+    group.add_argument("--loss_margin", type=float, default=None,
+                       help="margin m of the margin head; default: its published one (" +
+                            ", ".join(f"{name} {head.default_margin}" for name, head in MARGIN_HEADS.items()) +
+                            "; SphereFace's original is 4, with feature-norm logits and annealing)")
+    # Aggregators' options
+    group = parser.add_argument_group("Aggregator options (the flags --NAME_OPTION go to --aggregator NAME)")
+    group.add_argument("--mixvpr_depth", type=positive_int, default=4, help="mixvpr: feature-mixer blocks")
+    group.add_argument("--mixvpr_out_rows", type=positive_int, default=4,
+                       help="mixvpr: rows of the descriptor (each of fc_output_dim / rows channels)")
+    group.add_argument("--mixvpr_map_size", type=positive_int, default=16,
+                       help="mixvpr: the feature map is resized to SxS (16: CosPlace's 512 px images with a "
+                            "stride-32 backbone)")
+    group.add_argument("--netvlad_clusters", type=positive_int, default=64, help="netvlad: clusters K")
+    group.add_argument("--boq_queries", type=positive_int, default=32, help="boq: learnable queries per block")
+    group.add_argument("--boq_layers", type=positive_int, default=2, help="boq: BoQ blocks")
+    group.add_argument("--boq_out_rows", type=positive_int, default=4,
+                       help="boq: rows of the descriptor (each of fc_output_dim / rows channels)")
+    group.add_argument("--aggregator_init_images", type=positive_int, default=500,
+                       help="training images whose features initialise a data-dependent aggregator before training "
+                            "(netvlad: k-means on 100 local descriptors of each, as the original)")
     # Augmentation
     group = parser.add_argument_group("Augmentation (batched on the model's device)")
     group.add_argument("--augmentations", nargs="+", default=["color_jitter", "random_resized_crop"],
-                       help="list of name or name:strength, applied in order")
+                       help="list of name or name:strength, applied in order: color_jitter, random_resized_crop, "
+                            "random_perspective, random_erasing, gaussian_blur, grayscale, horizontal_flip, night "
+                            "(augmentations.py says what each strength means)")
     group.add_argument("--brightness", type=float, default=0.7, help="color_jitter brightness")
     group.add_argument("--contrast", type=float, default=0.7, help="color_jitter contrast")
     group.add_argument("--saturation", type=float, default=0.7, help="color_jitter saturation")
     group.add_argument("--hue", type=float, default=0.5, help="color_jitter hue (at most 0.5)")
     group.add_argument("--random_resized_crop", type=float, default=0.5,
                        help="random_resized_crop keeps between 1-x and all of the image area")
+    # Self-supervised auxiliary loss
+    group = parser.add_argument_group("Self-supervised auxiliary loss (between two augmented views of the batch)")
+    group.add_argument("--ssl_loss", type=str, default="none", help="none, vicreg, ntxent or supcon (ssl_losses.py)")
+    group.add_argument("--ssl_weight", type=float, default=0.1, help="weight of the self-supervised loss")
+    group.add_argument("--ssl_augmentations", nargs="+", default=["color_jitter", "random_resized_crop"],
+                       help="augmentations of the second view (the first is the training batch), as --augmentations")
+    # Domain adaptation
+    group = parser.add_argument_group("Domain adaptation (towards unlabeled target images)")
+    group.add_argument("--da_target_folder", type=str, default=None,
+                       help="train with DANN against the images of this folder (any names, e.g. test queries)")
+    group.add_argument("--da_weight", type=float, default=0.1, help="weight of the DANN domain-classification loss")
+    group.add_argument("--adabn_folder", type=str, default=None,
+                       help="AdaBN: recompute the BatchNorm statistics on the images of this folder before testing")
     # Validation, test
     group = parser.add_argument_group("Validation and test")
     group.add_argument("--infer_batch_size", type=positive_int, default=16, help="batch size of descriptor extraction")
@@ -87,8 +153,25 @@ def build_parser(is_training=True):
                        help="model weights to start from (ours or a released CosPlace checkpoint)")
     group.add_argument("--num_preds_to_save", type=non_negative_int, default=0,
                        help="save, for each query, an image with its top-N predictions (0: none)")
+    if not is_training:
+        group.add_argument("--save_descriptors", action="store_true",
+                           help="write each test set's descriptors and predictions to descriptors.npz")
     group.add_argument("--save_only_wrong_preds", action="store_true",
                        help="with --num_preds_to_save, only for queries whose top-1 is wrong")
+    group.add_argument("--descriptors_cache", type=str, default=None,
+                       help="folder of cached test-set descriptors, keyed by the model's weights, the images and the "
+                            "test flags (never stale): evaluating the same model again skips the extraction")
+    group.add_argument("--faiss_index", choices=list(FAISS_INDEXES), default="exact",
+                       help="kNN index: exact, or approximate for databases of millions of images: ivfpq "
+                            "(--faiss_nlist, --faiss_nprobe, --faiss_pq_m) or hnsw (--faiss_hnsw_m, --faiss_ef_search); "
+                            "an approximate index logs its size and its recall loss against the exact search")
+    group.add_argument("--faiss_nlist", type=non_negative_int, default=0,
+                       help="ivfpq: k-means cells of the database (0: 4 sqrt(database size))")
+    group.add_argument("--faiss_nprobe", type=positive_int, default=32, help="ivfpq: cells searched per query")
+    group.add_argument("--faiss_pq_m", type=positive_int, default=64,
+                       help="ivfpq: bytes per database image (sub-quantizers; must divide --fc_output_dim)")
+    group.add_argument("--faiss_hnsw_m", type=positive_int, default=32, help="hnsw: graph links per database image")
+    group.add_argument("--faiss_ef_search", type=positive_int, default=128, help="hnsw: candidates explored per query")
     # Resume
     if is_training:
         parser.add_argument("--resume_train", type=str, default=None,
@@ -110,8 +193,20 @@ def build_parser(is_training=True):
     group.add_argument("--on_bad_name", choices=["error", "skip"], default="error",
                        help="file names not in the '@' format: stop, or skip them with a count")
     group.add_argument("--on_bad_image", choices=["error", "skip"], default="error",
-                       help="unreadable or corrupt images: stop, or skip them with a warning")
+                       help="unreadable or corrupt images: stop, or skip them with a warning (training images when "
+                            "loaded; with skip, test sets are checked first as with --check_images)")
+    group.add_argument("--check_images", action="store_true",
+                       help="decode every image (at 1/8 scale, in --num_workers threads) before starting, to report "
+                            "all unreadable files at once; with --on_bad_image skip they are left out of the classes")
     group.add_argument("--cache_folder", type=str, default="cache", help="where the class computation is cached")
+    group.add_argument("--decode_on_gpu", action="store_true",
+                       help="the loader workers only read the JPEG files; each batch is decoded at once on the GPU "
+                            "(nvJPEG) and resized there: for machines with few CPU cores per GPU")
+    if is_training:
+        group.add_argument("--preresize_cache", type=str, default=None,
+                           help="write once into this folder the training images larger than --image_size, resized "
+                                "to it (same file names; keyed by the images and the size, never stale), and train "
+                                "from there: python -m datasets.preresize does the same ahead of time")
     # Run
     group = parser.add_argument_group("Run")
     group.add_argument("--device", type=str, default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
@@ -135,10 +230,14 @@ def check_arguments(parser, args, is_training):
         parser.error(f"--image_size {args.image_size} is too small: the backbones downsample by 32, use at least 32")
     if args.test_image_size is not None and args.test_image_size < 32:
         parser.error(f"--test_image_size {args.test_image_size} is too small: use at least 32")
+    if args.faiss_index == "ivfpq" and args.fc_output_dim % args.faiss_pq_m:
+        parser.error(f"--faiss_pq_m {args.faiss_pq_m} must divide --fc_output_dim {args.fc_output_dim}")
     if not 0 <= args.random_resized_crop < 1:
         parser.error("--random_resized_crop must be in [0, 1): it is the largest fraction of the area cropped away")
     if args.save_only_wrong_preds and args.num_preds_to_save == 0:
         parser.error("--save_only_wrong_preds needs --num_preds_to_save N (N > 0)")
+    if args.train_all_layers and args.trainable_stages is not None:
+        parser.error("--train_all_layers trains every stage: drop --trainable_stages (or --train_all_layers)")
     if is_training and args.resume_train and args.resume_model:
         parser.error("--resume_train already restores the model: drop --resume_model")
 

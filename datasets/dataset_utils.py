@@ -61,15 +61,17 @@ def format_image_name(utm_east, utm_north, zone="", letter="", lat="", lon="", p
     return "@".join(fields)
 
 
-def find_images(folder):
-    """All images under folder (recursively), sorted, or a DatasetError if there are none."""
+def find_images(folder, image_check=None):
+    """All images under folder (recursively), sorted, or a DatasetError if there are none. image_check
+    (datasets/image_check.py, --check_images) maps the paths to those that can be read."""
     if not os.path.isdir(folder):
-        raise DatasetError(f"Folder {folder} does not exist")
+        raise DatasetError(f"Folder {folder} does not exist: a dataset folder holds train/ (images) and val/, "
+                           f"test/ (each with database/ and queries/)")
     paths = sorted(p for p in glob(os.path.join(folder, "**", "*"), recursive=True)
                    if p.lower().endswith(IMAGE_EXTENSIONS))
     if len(paths) == 0:
         raise DatasetError(f"Folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return paths
+    return image_check(paths) if image_check is not None else paths
 
 
 def find_queries_folder(dataset_folder):
@@ -98,7 +100,9 @@ def read_utms(paths, on_bad_name="error"):
         utms.append((metadata.utm_east, metadata.utm_north))
         headings.append(metadata.heading)
     if bad:
-        logging.warning(f"Skipped {len(bad)} files whose name does not follow {EXPECTED_FORMAT}, e.g. {bad[0]}")
+        logging.warning(f"Skipped {len(bad)} of {len(paths)} files whose name does not follow {EXPECTED_FORMAT}, "
+                        f"e.g. {bad[0]}")
     if len(kept) == 0:
-        raise DatasetError(f"None of the {len(paths)} files has a name in the format {EXPECTED_FORMAT}")
+        raise DatasetError(f"None of the {len(paths)} files in {os.path.dirname(paths[0]) if paths else 'the folder'} "
+                           f"has a name in the format {EXPECTED_FORMAT}")
     return kept, np.array(utms, dtype=np.float64).reshape(-1, 2), np.array(headings, dtype=np.float64)

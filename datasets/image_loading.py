@@ -2,11 +2,20 @@
 
 Images are returned as uint8 CHW tensors; conversion to float, augmentation and normalisation happen
 batched on the model's device (see augmentations.py), so the loader workers only decode and resize.
+With --decode_on_gpu the workers do not even decode: they read the JPEG files' bytes (load_encoded_image),
+collate_images keeps them as a list, and images_to_device decodes the whole batch at once on the GPU
+(nvJPEG through torchvision) and resizes it there.
 """
+
+from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import default_collate
+from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,7 +35,7 @@ def load_pil_image(path, size=None):
         image = image.convert("RGB")
         if size is not None and image.size != tuple(size):
             image = image.resize(tuple(size), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{path}: cannot be read as an image ({e}); "
                              f"remove it, or use --on_bad_image skip to skip such files") from e
     return image
@@ -44,12 +53,14 @@ def load_image_tensor(path, size=None):
 
 
 def normalize(images):
-    """uint8 or [0, 1] float batch -> ImageNet-normalised float batch, on the batch's device."""
+    """uint8 or [0, 1] float batch -> ImageNet-normalised float batch, on the batch's device. One new tensor,
+    then in-place operations: on the CPU every new large tensor costs page faults."""
+    dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
     if images.dtype == torch.uint8:
-        images = images.float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
+        return images.float().div_(255).sub_(mean).div_(std)
+    return (images - mean).div_(std)
 
 
 def image_size_of(path):
@@ -59,3 +70,81 @@ def image_size_of(path):
             return image.size
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageLoadError(f"{path}: cannot be read as an image ({e})") from e
+
+
+#### --decode_on_gpu: the loader workers read the files, the main process decodes whole batches on the device
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class EncodedImage(NamedTuple):
+    """What a loader worker returns with --decode_on_gpu: the bytes of a JPEG file (1-D uint8 tensor), or
+    for another format the image decoded on the CPU ([3, H, W] uint8), with its path for error messages."""
+    data: torch.Tensor
+    path: str
+
+
+class EncodedImages(NamedTuple):
+    """A batch of EncodedImage, as collate_images makes it (lists: the files have different lengths)."""
+    data: list
+    paths: list
+
+
+def load_encoded_image(path, size=None):
+    """The --decode_on_gpu counterpart of load_image_tensor: the file's bytes when it is a JPEG, decoded by
+    images_to_device; other formats (PNG) are decoded here, at the requested size."""
+    try:
+        data = torchvision.io.read_file(path)
+    except (OSError, RuntimeError) as e:
+        raise ImageLoadError(f"{path}: cannot be read ({e})") from e
+    if bytes(data[:3].numpy()) != JPEG_MAGIC:
+        return EncodedImage(load_image_tensor(path, size), path)
+    return EncodedImage(data, path)
+
+
+def collate_images(batch):
+    """DataLoader collate_fn of datasets whose items are (image, label...): torch's default collation, except
+    that the EncodedImage of --decode_on_gpu stay a list (EncodedImages), as their lengths differ."""
+    if isinstance(batch[0][0], EncodedImage):
+        images = EncodedImages([item[0].data for item in batch], [item[0].path for item in batch])
+        return (images, *default_collate([item[1:] for item in batch]))
+    return default_collate(batch)
+
+
+def decode_jpegs(data, paths, device):
+    """Decodes the JPEG bytes in one batched call on device; a file that cannot be decoded is named."""
+    try:
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        for one_data, path in zip(data, paths):  # which file is it? (only after a failure)
+            try:
+                torchvision.io.decode_jpeg(one_data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+            except RuntimeError as e:
+                raise ImageLoadError(f"{path}: cannot be decoded as a JPEG on {device} ({e}); --check_images finds "
+                                     f"every such file before training (with --on_bad_image skip, leaves them "
+                                     f"out)") from e
+        raise
+
+
+def images_to_device(images, size, device):
+    """A batch from a loader with collate_images -> uint8 [B, 3, H, W] on device. A tensor batch is copied;
+    EncodedImages are decoded on the device, then resized to size x size (antialiased bilinear, as Pillow's)
+    when size is given; without size the images must already have the same size (test.batches_by_size)."""
+    if not isinstance(images, EncodedImages):
+        return images.to(device, non_blocking=True)
+    jpegs = [i for i, data in enumerate(images.data) if data.dim() == 1]
+    decoded = list(images.data)
+    for i, image in zip(jpegs, decode_jpegs([images.data[i] for i in jpegs], [images.paths[i] for i in jpegs],
+                                           device)):
+        decoded[i] = image
+    decoded = [image.to(device, non_blocking=True) for image in decoded]
+    if size is not None:  # one batched resize per original size (usually one for a whole dataset)
+        positions_by_shape = defaultdict(list)
+        for i, image in enumerate(decoded):
+            positions_by_shape[tuple(image.shape)].append(i)
+        for shape, positions in positions_by_shape.items():
+            if shape[-2:] != (size, size):
+                resized = TF.resize(torch.stack([decoded[i] for i in positions]), [size, size], antialias=True)
+                for i, image in zip(positions, resized):
+                    decoded[i] = image
+    return torch.stack(decoded)

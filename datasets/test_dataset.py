@@ -8,37 +8,43 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from datasets.dataset_utils import DatasetError, find_images, find_queries_folder, read_utms
-from datasets.image_loading import load_image_tensor
+from datasets.image_loading import load_encoded_image, load_image_tensor
 
 
 class TestDataset(torch.utils.data.Dataset):
     """Items 0..database_num-1 are database images, then the queries. Returns (uint8 image, index)."""
 
-    def __init__(self, dataset_folder, positive_dist_threshold=25, image_size=None, on_bad_name="error"):
+    def __init__(self, dataset_folder, positive_dist_threshold=25, image_size=None, on_bad_name="error",
+                 image_check=None, decode_on_gpu=False):
         super().__init__()
         self.dataset_folder = dataset_folder
+        self.load_image = load_encoded_image if decode_on_gpu else load_image_tensor  # see images_to_device
         self.dataset_name = os.path.basename(os.path.normpath(dataset_folder))
         self.image_size = image_size
         database_folder = os.path.join(dataset_folder, "database")
         if not os.path.isdir(database_folder):
             raise DatasetError(f"{dataset_folder} has no database/ folder: a test set needs database/ and queries/")
         queries_folder = find_queries_folder(dataset_folder)
-        self.database_paths, self.database_utms, _ = read_utms(find_images(database_folder), on_bad_name)
-        self.queries_paths, self.queries_utms, _ = read_utms(find_images(queries_folder), on_bad_name)
+        self.database_paths, self.database_utms, _ = read_utms(find_images(database_folder, image_check), on_bad_name)
+        self.queries_paths, self.queries_utms, _ = read_utms(find_images(queries_folder, image_check), on_bad_name)
         self.images_paths = self.database_paths + self.queries_paths
         self.database_num, self.queries_num = len(self.database_paths), len(self.queries_paths)
         self.positive_dist_threshold = positive_dist_threshold
         # A KD-tree over the database positions: positives of every query in O(log n) each
-        knn = NearestNeighbors(n_jobs=1).fit(self.database_utms)
+        knn = NearestNeighbors(algorithm="kd_tree", n_jobs=1).fit(self.database_utms)
         self.positives_per_query = knn.radius_neighbors(self.queries_utms, radius=positive_dist_threshold,
                                                         return_distance=False)
         self.queries_without_positives = int(sum(len(p) == 0 for p in self.positives_per_query))
-        if self.queries_without_positives:
+        if self.queries_without_positives == self.queries_num:
+            logging.warning(f"{dataset_folder}: no query has a database image within {positive_dist_threshold} m: "
+                            f"every recall will be 0. Are database and queries from the same area (and UTM zone)? "
+                            f"Is --positive_dist_threshold right?")
+        elif self.queries_without_positives:
             logging.info(f"{self.dataset_name}: {self.queries_without_positives} of {self.queries_num} queries have "
                          f"no database image within {positive_dist_threshold} m (they count as misses)")
 
     def __getitem__(self, index):
-        return load_image_tensor(self.images_paths[index], self.image_size), index
+        return self.load_image(self.images_paths[index], self.image_size), index
 
     def __len__(self):
         return len(self.images_paths)

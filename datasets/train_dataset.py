@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from datasets.dataset_utils import DatasetError, find_images, read_utms
-from datasets.image_loading import ImageLoadError, load_image_tensor
+from datasets.image_loading import ImageLoadError, load_encoded_image, load_image_tensor
 
 CACHE_VERSION = 1
 
@@ -56,9 +56,11 @@ def cache_key(folder, paths, M, alpha, N, L, min_images_per_class):
     return digest.hexdigest()[:24]
 
 
-def load_groups(folder, M, alpha, N, L, min_images_per_class, cache_folder="cache", on_bad_name="error"):
-    """Computes the groups of a training folder, or reads them from an on-disk cache that cannot be stale."""
-    paths = find_images(folder)
+def load_groups(folder, M, alpha, N, L, min_images_per_class, cache_folder="cache", on_bad_name="error",
+                image_check=None):
+    """Computes the groups of a training folder, or reads them from an on-disk cache that cannot be stale.
+    Images that image_check leaves out (--check_images) are not in the file list, so not in any class."""
+    paths = find_images(folder, image_check)
     key = cache_key(folder, paths, M, alpha, N, L, min_images_per_class)
     cache_path = os.path.join(cache_folder, f"groups_{os.path.basename(os.path.normpath(folder))}_{key}.pt")
     if os.path.exists(cache_path):
@@ -76,25 +78,33 @@ def load_groups(folder, M, alpha, N, L, min_images_per_class, cache_folder="cach
     return groups
 
 
-def check_groups(groups, groups_num, min_images_per_class, folder):
-    """Clear errors for the two ways a training set can be too small for the requested recipe."""
+def check_groups(groups, groups_num, min_images_per_class, folder, batch_size):
+    """Clear errors for the ways a training set can be too small for the requested recipe, found before
+    training starts (a group too small for the batch would otherwise stop the run at its first epoch)."""
     if len(groups) == 0:
         raise DatasetError(f"No class of {folder} has at least --min_images_per_class {min_images_per_class} images: "
                            f"lower --min_images_per_class or increase --M / --alpha")
     if len(groups) < groups_num:
         raise DatasetError(f"{folder} has {len(groups)} group(s) with classes of at least {min_images_per_class} "
                            f"images, but --groups_num is {groups_num}: use --groups_num {len(groups)}")
+    smallest = min(len(group) for group in groups[:groups_num])
+    if smallest < batch_size:
+        raise DatasetError(f"{folder}: a group used for training has {smallest} classes, fewer than the batch size "
+                           f"{batch_size} (--batch_size x processes): lower --batch_size to at most {smallest}, "
+                           f"or --groups_num, or lower --min_images_per_class")
 
 
 class TrainDataset(torch.utils.data.Dataset):
     """One CosPlace group. Items are indexed by (class_index, image_index) pairs chosen by ClassBatchSampler,
     so that which images a batch holds depends only on (seed, epoch, iteration): resuming is exact."""
 
-    def __init__(self, classes, image_size, on_bad_image="error"):
+    def __init__(self, classes, image_size, on_bad_image="error", decode_on_gpu=False):
         super().__init__()
         self.classes = classes
         self.image_size = image_size
         self.on_bad_image = on_bad_image
+        self.load_image = load_encoded_image if decode_on_gpu else load_image_tensor  # see images_to_device
+        self.skipped_paths = set()  # per loader process
 
     def __len__(self):
         return len(self.classes)
@@ -105,11 +115,15 @@ class TrainDataset(torch.utils.data.Dataset):
         for attempt in range(len(images)):
             path = images[(image_index + attempt) % len(images)]
             try:
-                return load_image_tensor(path, self.image_size), class_index
-            except ImageLoadError:
+                return self.load_image(path, self.image_size), class_index
+            except ImageLoadError as error:
                 if self.on_bad_image == "error":
                     raise
-                logging.warning(f"Skipping unreadable image {path}")
+                if path not in self.skipped_paths:
+                    self.skipped_paths.add(path)
+                    logging.warning(f"Skipping unreadable image {path} ({error.__cause__}): "
+                                    f"{len(self.skipped_paths)} skipped so far by this loader process "
+                                    f"(--check_images finds them all before training)")
         raise ImageLoadError(f"No image of class {class_index} can be read, e.g. {images[0]}")
 
     @property

@@ -7,26 +7,36 @@ import zipfile
 import torch
 from torch import nn
 
-from model.aggregators import get_aggregator
+from model.aggregators import get_aggregator, options_from_args
 from model.backbones import get_backbone
 
 
 class GeoLocalizationNet(nn.Module):
     def __init__(self, backbone="resnet18", fc_output_dim=512, aggregator="gem", pretrained="imagenet",
-                 train_all_layers=False):
+                 train_all_layers=False, trainable_stages=None, aggregator_options=None):
         super().__init__()
-        self.backbone, features_dim = get_backbone(backbone, pretrained, train_all_layers)
-        self.aggregation = get_aggregator(aggregator, features_dim, fc_output_dim)
+        self.backbone = get_backbone(backbone, pretrained, train_all_layers, trainable_stages)
+        self.aggregation = get_aggregator(aggregator, self.backbone.out_channels, fc_output_dim,
+                                          **(aggregator_options or {}))
         self.fc_output_dim = fc_output_dim
 
     def forward(self, x):
         return self.aggregation(self.backbone(x))
 
+    @torch.no_grad()
+    def initialize_aggregation(self, images_batches):
+        """Data-dependent initialisation of the aggregation (NetVLAD's clusters) from the backbone's maps of
+        the given batches of normalised images; the backbone runs in eval mode (its BatchNorm statistics stay)."""
+        was_training = self.training
+        self.eval()
+        self.aggregation.initialize_from_features(self.backbone(images) for images in images_batches)
+        self.train(was_training)
+
 
 def build_model(args):
     """The model described by the parsed arguments (one place, so train/eval/geolocalize agree)."""
     return GeoLocalizationNet(args.backbone, args.fc_output_dim, args.aggregator, args.pretrained,
-                              args.train_all_layers)
+                              args.train_all_layers, args.trainable_stages, options_from_args(args.aggregator, args))
 
 
 class CheckpointError(ValueError):
@@ -53,22 +63,30 @@ def extract_model_state_dict(checkpoint, path):
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
 
 
-def load_model_weights(model, path):
-    """Loads weights into model, with an error naming the keys and shapes that do not match."""
-    state_dict = extract_model_state_dict(read_checkpoint(path), path)
-    expected = model.state_dict()
+def state_dict_mismatch(module, state_dict):
+    """Why state_dict cannot be loaded into module: the keys missing or unexpected and the shapes that differ
+    ('' when it fits)."""
+    expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong_shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                     for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong_shapes:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} keys missing from the checkpoint, e.g. {missing[:4]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
-        if wrong_shapes:
-            details.append(f"{len(wrong_shapes)} shapes differ, e.g. {wrong_shapes[:3]}")
+    details = []
+    if missing:
+        details.append(f"{len(missing)} keys missing from the checkpoint, e.g. {missing[:4]}")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
+    if wrong_shapes:
+        details.append(f"{len(wrong_shapes)} shapes differ, e.g. {wrong_shapes[:3]}")
+    return "; ".join(details)
+
+
+def load_model_weights(model, path, checkpoint=None):
+    """Loads weights into model (from checkpoint if already read from path), with an error naming the keys
+    and shapes that do not match."""
+    state_dict = extract_model_state_dict(read_checkpoint(path) if checkpoint is None else checkpoint, path)
+    mismatch = state_dict_mismatch(model, state_dict)
+    if mismatch:
         raise CheckpointError(f"{path} does not fit this model (--backbone, --aggregator, --fc_output_dim?): "
-                              + "; ".join(details))
+                              + mismatch)
     model.load_state_dict(state_dict)

@@ -1,0 +1,191 @@
+"""Where was this photo taken? Finds the database images nearest to each photo with a trained model.
+
+    python geolocalize.py --resume_model logs/<run>/best_model.pth --database_folder data/sf_xs/test/database \\
+        photo.jpg [more photos] [--top_k 5 --out geolocalized]
+
+It takes eval.py's flags: give the model flags of the training that made the model (--backbone, --aggregator,
+--fc_output_dim, ...), and optionally --test_image_size (photos and database images are used at their own size
+otherwise; large phone photos are slow on a CPU), --infer_batch_size, --device, --amp, --faiss_index. Database
+images must be named in the '@' format (UTM in fields 1/2; latitude/longitude in fields 5/6, or UTM zone/letter in
+fields 3/4). The database descriptors are computed once and cached in --descriptors_cache (here 'cache' by default),
+keyed by the model's weights, the database files (names, sizes, modification times) and the flags that change
+descriptors (test.dataset_descriptors).
+
+For each photo it prints the estimated position (the top-1's), the spread of the top-k (the largest distance of a
+top-k position from the top-1: small when the top-k agree) and the top-k images with their positions; if the photo's
+own name carries its position, also the error of the estimate. It writes <out>/<photo>_top<k>.jpg (framed green within
+--positive_dist_threshold of the photo's true position when known, grey otherwise) and <out>/geolocalize.json.
+"""
+
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+import utm
+
+import commons
+import parser
+import test
+import visualizations
+from datasets.dataset_utils import DatasetError, find_images, parse_image_name, read_utms
+from datasets.image_loading import ImageLoadError, load_encoded_image, load_image_tensor
+from model import network
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images of a list of paths, as test.compute_descriptors and test.dataset_descriptors want them (the
+    attributes of TestDataset they read); items are (uint8 image, index)."""
+
+    def __init__(self, name, paths, image_size=None, decode_on_gpu=False):
+        super().__init__()
+        self.dataset_name, self.images_paths, self.image_size = name, list(paths), image_size
+        self.load_image = load_encoded_image if decode_on_gpu else load_image_tensor
+
+    def __getitem__(self, index):
+        return self.load_image(self.images_paths[index], self.image_size), index
+
+    def __len__(self):
+        return len(self.images_paths)
+
+
+def build_parser():
+    arguments = parser.build_parser(is_training=False)
+    arguments.description = __doc__
+    arguments.set_defaults(pretrained="none", descriptors_cache="cache")  # weights from --resume_model
+    group = arguments.add_argument_group("Geo-localization of photos")
+    group.add_argument("photos", nargs="+", help="the photos to geo-localize")
+    group.add_argument("--database_folder", type=str, required=True,
+                       help="folder of geo-tagged database images ('@' names), searched recursively")
+    group.add_argument("--top_k", type=parser.positive_int, default=5, help="database images shown for each photo")
+    group.add_argument("--out", type=str, default="geolocalized", help="folder of the pictures and geolocalize.json")
+    return arguments
+
+
+def latitude_longitude(metadata):
+    """(lat, lon) from fields 5/6 of the name, else from the UTM with the zone/letter of fields 3/4, else None."""
+    try:
+        return float(metadata.lat), float(metadata.lon)
+    except ValueError:
+        pass
+    try:
+        return tuple(float(x) for x in utm.to_latlon(metadata.utm_east, metadata.utm_north, int(metadata.zone),
+                                                     metadata.letter))
+    except (ValueError, utm.error.OutOfRangeError):
+        return None
+
+
+def position(path):
+    """Position of an image named in the '@' format: {'utm': [east, north], 'latitude', 'longitude'} or None."""
+    try:
+        metadata = parse_image_name(path)
+    except DatasetError:
+        return None
+    latlon = latitude_longitude(metadata)
+    return {"utm": [metadata.utm_east, metadata.utm_north], "latitude": latlon[0] if latlon else None,
+            "longitude": latlon[1] if latlon else None}
+
+
+def as_text(place):
+    if place["latitude"] is None:
+        return f"UTM {place['utm'][0]:.1f} E, {place['utm'][1]:.1f} N"
+    return f"{place['latitude']:.6f}, {place['longitude']:.6f}"
+
+
+def geolocalize_photo(photo, predictions, database_paths, database_utms, args):
+    """The estimate of one photo (the top-1's position), the spread of the top-k, the error when known."""
+    predictions = predictions[predictions >= 0]  # an approximate --faiss_index may find fewer than k
+    top_utms = database_utms[predictions]
+    from_top1 = np.linalg.norm(top_utms - top_utms[0], axis=1)
+    result = {"photo": photo, **position(database_paths[predictions[0]]), "spread_m": float(from_top1.max()),
+              "top_k": [{"rank": rank, "path": database_paths[p], **position(database_paths[p]),
+                         "distance_from_top1_m": float(d)}
+                        for rank, (p, d) in enumerate(zip(predictions, from_top1), start=1)]}
+    truth = position(photo)
+    if truth is not None:
+        result["true_position"] = truth
+        result["error_m"] = float(np.linalg.norm(top_utms[0] - truth["utm"]))
+        for item in result["top_k"]:
+            item["distance_from_photo_m"] = float(np.linalg.norm(np.array(item["utm"]) - truth["utm"]))
+    return result
+
+
+def save_picture(result, args, name):
+    """<out>/<name>: the photo next to its top-k, captioned with their distance from the photo (when known) or from
+    the top-1."""
+    tiles = [visualizations.tile(result["photo"], "photo", visualizations.GREY)]
+    for item in result["top_k"]:
+        if "distance_from_photo_m" in result["top_k"][0]:
+            distance = item["distance_from_photo_m"]
+            color = visualizations.GREEN if distance <= args.positive_dist_threshold else visualizations.RED
+            caption = f"#{item['rank']}  {distance:.0f} m"
+        else:
+            color, caption = visualizations.GREY, f"#{item['rank']}  {item['distance_from_top1_m']:.0f} m from #1"
+        tiles.append(visualizations.tile(item["path"], caption, color))
+    path = os.path.join(args.out, name)
+    visualizations.row_image(tiles).save(path, quality=90)
+    return path
+
+
+def report(result):
+    lines = [f"{result['photo']}:", f"  estimated position: {as_text(result)} (top-1); spread of the top-"
+                                     f"{len(result['top_k'])}: {result['spread_m']:.0f} m"]
+    if "error_m" in result:
+        lines.append(f"  true position (from its name): {as_text(result['true_position'])}; "
+                     f"error of the estimate: {result['error_m']:.1f} m")
+    for item in result["top_k"]:
+        lines.append(f"  #{item['rank']}  {as_text(item)}  {item['distance_from_top1_m']:7.1f} m from #1  "
+                     f"{item['path']}")
+    return "\n".join(lines)
+
+
+def geolocalize(args):
+    """Returns one result per photo (see geolocalize_photo) and writes the pictures and geolocalize.json."""
+    database_paths, database_utms, _ = read_utms(find_images(args.database_folder), args.on_bad_name)
+    model = network.build_model(args)
+    network.load_model_weights(model, args.resume_model)
+    model = model.to(args.device)
+    database = ImageListDataset(os.path.basename(os.path.normpath(args.database_folder)), database_paths,
+                                args.test_image_size, args.decode_on_gpu)
+    descriptors = test.dataset_descriptors(args, database, model)
+    photos = ImageListDataset("photos", args.photos, args.test_image_size, args.decode_on_gpu)
+    photos_descriptors = test.compute_descriptors(model, photos, args.device, args.infer_batch_size, args.num_workers,
+                                                  args.amp, args.channels_last, description="photos descriptors")
+    predictions = test.knn_search(descriptors, photos_descriptors, args.top_k, **test.index_options(args))
+    os.makedirs(args.out, exist_ok=True)
+    results, names = [], set()
+    for index, (photo, photo_predictions) in enumerate(zip(args.photos, predictions)):
+        result = geolocalize_photo(photo, photo_predictions, database_paths, database_utms, args)
+        name = f"{os.path.splitext(os.path.basename(photo))[0]}_top{args.top_k}.jpg"
+        name = name if name not in names else f"{index}_{name}"  # two photos of the same name in two folders
+        names.add(name)
+        result["picture"] = save_picture(result, args, name)
+        results.append(result)
+    commons.atomic_json_dump({"model": args.resume_model, "database_folder": args.database_folder, "photos": results},
+                             os.path.join(args.out, "geolocalize.json"))
+    return results
+
+
+def main(argv=None):
+    arguments = build_parser()
+    args = arguments.parse_args(argv)
+    if args.resume_model is None:
+        arguments.error("--resume_model is required: the weights of the model (e.g. logs/<run>/best_model.pth)")
+    missing = [photo for photo in args.photos if not os.path.isfile(photo)]
+    if missing:
+        arguments.error(f"no such photo: {', '.join(missing)}")
+    args.device = commons.resolve_device(args.device)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        results = geolocalize(args)
+    except (DatasetError, ImageLoadError, network.CheckpointError) as e:
+        sys.exit(f"geolocalize.py: {e}")
+    for result in results:
+        print(report(result))
+    print(f"Pictures and geolocalize.json written to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
