@@ -21,6 +21,7 @@ CPU ms per image (main process + loader workers) is steadier than images/s on a 
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -243,7 +244,7 @@ def case_train(pipeline, config):
     augment, step = augmented_batches(pipeline, args), training_step(pipeline, args, len(loader.dataset))
     if pipeline == "network":  # a fixed batch already on the device: the network alone
         images, targets = augment(next(iter(loader)))
-        return timed_loop(iter(lambda: None, 1), lambda _: step(images, targets), config.train_iterations,
+        return timed_loop(itertools.repeat(None), lambda _: step(images, targets), config.train_iterations,
                           args.device, args.batch_size, warmup=2)
     return timed_loop(loader, lambda batch: step(*augment(batch)), config.train_iterations, args.device,
                       args.batch_size, warmup=args.num_workers + 1)
@@ -253,8 +254,7 @@ def case_eval(pipeline, config):
     args = project_args(config, config.image_size)
     args.infer_batch_size, args.decode_on_gpu = config.infer_batch_size, pipeline == "ours_gpu_decode"
     model = network.build_model(args).to(args.device)
-    dataset = TestDataset(args.test_set_folder[0] if isinstance(args.test_set_folder, list) else args.test_set_folder,
-                          decode_on_gpu=args.decode_on_gpu)
+    dataset = TestDataset(args.test_set_folder, decode_on_gpu=args.decode_on_gpu)
     positives = dataset.get_positives()
     if pipeline == "naive":
         extract = lambda: naive_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers)
@@ -298,7 +298,7 @@ def case_retrieval(config):
     database /= np.linalg.norm(database, axis=1, keepdims=True)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     defaults = test.index_options(parser.parse_arguments(is_training=False, argv=["--test_set_folder", "-"]))
-    results, exact_top1 = {}, None
+    indexes, exact_top1 = {}, None
     for kind in test.FAISS_INDEXES:
         start_time = time.perf_counter()
         index = test.build_index(database, **{**defaults, "kind": kind})
@@ -307,10 +307,10 @@ def case_retrieval(config):
         predictions = test.search(index, queries, 10)
         search_time = time.perf_counter() - start_time
         exact_top1 = predictions[:, 0] if exact_top1 is None else exact_top1
-        results[kind] = {"ms_per_query": search_time / len(queries) * 1000, "build_s": build_time,
+        indexes[kind] = {"ms_per_query": search_time / len(queries) * 1000, "build_s": build_time,
                          "index_mb": test.index_megabytes(index),
                          "top1_as_exact_percent": float(np.mean(predictions[:, 0] == exact_top1) * 100)}
-    return results
+    return {"indexes": indexes}
 
 
 def run_case(config):
@@ -370,7 +370,7 @@ def table(results, config, pipelines):
                        ("full_evaluation_s", "full evaluation, s"), ("R@1", "R@1 (random weights: equal is right)"),
                        ("peak_rss_mb", "peak RSS MB, main process"), ("cuda_max_allocated_mb", "CUDA max allocated MB")):
         row("  " + label, "eval", key)
-    retrieval = results.get("retrieval", {})
+    retrieval = results.get("retrieval", {}).get("indexes")
     if retrieval:
         lines.append(f"Retrieval at scale ({config.retrieval_database} database, {config.retrieval_queries} queries, "
                      f"512-D; approximate index in 'ours', exact in 'naive')")

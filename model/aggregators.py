@@ -52,7 +52,7 @@ class MixVPR(nn.Module):
             x = F.adaptive_avg_pool2d(x, self.map_size)
         x = self.mix(x.flatten(2))  # [B, C, h*w]
         x = self.channel_projection(x.transpose(1, 2))  # [B, h*w, D / rows]
-        x = self.row_projection(x.transpose(1, 2)).transpose(1, 2)
+        x = self.row_projection(x.transpose(1, 2))  # [B, D / rows, rows]
         return F.normalize(x.flatten(1), dim=1)
 
 
@@ -106,7 +106,7 @@ class NetVLAD(nn.Module):
         top2 = torch.topk(torch.from_numpy(descriptors) @ normalised.T, k=2, dim=1).values
         alpha = -math.log(0.01) / (top2[:, 0] - top2[:, 1]).mean().item()
         self.centroids.copy_(centroids)
-        self.assignment.weight.copy_(normalised[:, :, None, None])
+        self.assignment.weight.copy_(alpha * normalised[:, :, None, None])
         logging.info(f"NetVLAD: {self.clusters} centroids from k-means on {len(descriptors)} local descriptors, "
                      f"alpha {alpha:.1f}")
 

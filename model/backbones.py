@@ -104,6 +104,7 @@ BACKBONES = {
     "vgg16": vgg16_backbone,
 }
 
+
 def create_timm_features(name, **kwargs):
     """timm's features_only model of name, giving only its last feature map; ViT-like models are asked to take
     any image size (the other models refuse these keywords)."""

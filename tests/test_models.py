@@ -104,8 +104,8 @@ def test_cosplace_default_freezing(backbone_of):
 def test_trainable_stages_of_timm_models():
     efficientnet = backbones.get_backbone("efficientnet_b0", pretrained="none", trainable_stages=1)
     names = trainable_names(efficientnet)  # the last stage: blocks.5 and blocks.6 (feature_info's blocks.6)
-    assert names and all(n.startswith(("model.blocks.5.", "model.blocks.6.")) for n in names)
-    assert names == {n for n, _ in efficientnet.named_parameters() if n.startswith(("model.blocks.5.", "model.blocks.6."))}
+    last_stage = ("model.blocks.5.", "model.blocks.6.")
+    assert names and names == {n for n, _ in efficientnet.named_parameters() if n.startswith(last_stage)}
     vit = backbones.get_backbone("vit_tiny_patch16_224", pretrained="none", trainable_stages=3)
     assert {n.split(".")[3] for n in trainable_names(vit)} == {"9", "10", "11"}  # model.model.blocks.N...
     assert not vit.model.model.cls_token.requires_grad and not vit.model.model.patch_embed.proj.weight.requires_grad
