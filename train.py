@@ -189,7 +189,7 @@ def save_checkpoint(epoch_num, iteration):
     if not is_main:
         return
     weights = [t for module in (model, *classifiers) for t in module.state_dict().values() if t.is_floating_point()]
-    if not torch.stack([torch.isfinite(t).all() for t in weights]).all():  # a finite loss can leave NaN weights
+    if not all(bool(torch.isfinite(t).all()) for t in weights):  # a finite loss can leave NaN weights
         raise non_finite_error("The weights became non-finite")
     commons.atomic_torch_save({
         "epoch_num": epoch_num, "iteration": iteration, "best_val_recall1": best_val_recall1,
