@@ -190,7 +190,7 @@ def save_checkpoint(epoch_num, iteration):
         return
     weights = [t for module in (model, *classifiers) for t in module.state_dict().values() if t.is_floating_point()]
     if not all(bool(torch.isfinite(t).all()) for t in weights):  # a finite loss can leave NaN weights
-        raise non_finite_error("The weights became non-finite")
+        raise non_finite_error("The weights became non-finite", iteration or args.iterations_per_epoch)  # last done
     commons.atomic_torch_save({
         "epoch_num": epoch_num, "iteration": iteration, "best_val_recall1": best_val_recall1,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": model_optimizer.state_dict(),
@@ -205,9 +205,9 @@ def save_checkpoint(epoch_num, iteration):
     logging.debug(f"Checkpoint saved: epoch {epoch_num}, iteration {iteration}")
 
 
-def non_finite_error(what):
+def non_finite_error(what, at_iteration):
     checkpoint_path = os.path.join(output_folder or ".", "last_checkpoint.pth")
-    return FloatingPointError(f"{what} at epoch {epoch_num}, iteration {iteration + 1}: training stopped. The last "
+    return FloatingPointError(f"{what} at epoch {epoch_num}, iteration {at_iteration}: training stopped. The last "
                               f"good checkpoint, if any, is {checkpoint_path}; try a lower --lr / --classifiers_lr, "
                               f"or --amp none")
 
@@ -219,7 +219,8 @@ def flush_losses(pending_losses):
         values = torch.stack(pending_losses).float().cpu().tolist()
         pending_losses.clear()
         if not all(math.isfinite(v) for v in values):
-            raise non_finite_error(f"The loss became {next(v for v in values if not math.isfinite(v))}")
+            first = next(i for i, v in enumerate(values) if not math.isfinite(v))  # values end at iteration + 1
+            raise non_finite_error(f"The loss became {values[first]}", iteration + 2 - len(values) + first)
         epoch_losses.extend(values)
 
 

@@ -1,8 +1,8 @@
 """Nothing lost: a training run killed with SIGKILL mid-epoch and resumed with --resume_train ends exactly as the
 uninterrupted run (every tensor of its checkpoints, its metrics, its test results), with or without loader
-workers; a kill while a checkpoint is being written leaves a loadable file; a non-finite loss stops the run and
-keeps the last good checkpoint. Every run here starts from seed 0 in its own process, so the equalities also
-show that the seed alone decides a run on the CPU; another seed gives another run."""
+workers; a kill while a checkpoint is being written leaves a loadable file; non-finite losses or weights stop
+the run and keep the last good checkpoint. Every run here starts from seed 0 in its own process, so the
+equalities also show that the seed alone decides a run on the CPU; another seed gives another run."""
 
 import json
 import os
@@ -143,20 +143,27 @@ def test_resume_with_another_descriptor_size_names_the_shapes(uninterrupted_run,
     assert "aggregation.3.weight: checkpoint (512, 512) vs model (64, 512)" in output
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_dataset, tmp_path):
-    """A learning rate of 1e30 makes the first step's weights absurd: the second loss is NaN."""
-    result = run_script("train.py", *tiny_training_args(synthetic_dataset, tmp_path, "--lr", "1e30", "--image_size",
-                                                        "32", "--checkpoint_every", "1", "--log_every", "1"),
+@pytest.mark.parametrize("flags, message, checkpoint_iteration", [
+    (["--lr", "1e30"], "The loss became nan at epoch 0, iteration 2", 1),  # absurd weights after step 1
+    (["--loss_scale", "1e30"], "The weights became non-finite at epoch 0, iteration 1", None),  # loss 1 finite
+])
+def test_non_finite_loss_or_weights_stop_and_keep_the_last_good_checkpoint(flags, message, checkpoint_iteration,
+                                                                         synthetic_dataset, tmp_path):
+    result = run_script("train.py", *tiny_training_args(synthetic_dataset, tmp_path, "--image_size", "32",
+                                                        "--checkpoint_every", "1", "--log_every", "1", *flags),
                         check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
-    assert "ERROR: The loss became nan at epoch 0, iteration 2: training stopped" in output
     folder = run_folders(tmp_path)[-1]
-    assert f"The last good checkpoint, if any, is {os.path.join(folder, 'last_checkpoint.pth')}" in output
-    checkpoint = load(folder, "last_checkpoint.pth")
-    assert (checkpoint["epoch_num"], checkpoint["iteration"]) == (0, 1)
-    assert all(torch.isfinite(v).all() for v in checkpoint["model_state_dict"].values() if v.is_floating_point())
+    assert (f"ERROR: {message}: training stopped. The last good checkpoint, if any, is "
+            f"{os.path.join(folder, 'last_checkpoint.pth')}") in output
     assert not os.path.exists(os.path.join(folder, "best_model.pth"))
+    if checkpoint_iteration is None:
+        assert not os.path.exists(os.path.join(folder, "last_checkpoint.pth"))
+        return
+    checkpoint = load(folder, "last_checkpoint.pth")
+    assert (checkpoint["epoch_num"], checkpoint["iteration"]) == (0, checkpoint_iteration)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model_state_dict"].values() if v.is_floating_point())
 
 
 WRITER = """
