@@ -132,12 +132,12 @@ class RandomResizedCrop(nn.Module):
         return torch.stack([tops, lefts, heights, widths], dim=1).long()
 
     def forward(self, images):
-        out = images.new_empty((len(images), images.shape[1], self.size, self.size))
-        for i, (top, left, height, width) in enumerate(self.crop_boxes(*images.shape[-2:], len(images)).tolist()):
-            out[i] = torch.nn.functional.interpolate(images[i: i + 1, :, top: top + height, left: left + width],
-                                                     size=(self.size, self.size), mode="bilinear",
-                                                     align_corners=False, antialias=True)[0]
-        return out
+        crops = [torch.nn.functional.interpolate(images[i: i + 1, :, top: top + height, left: left + width],
+                                                 size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                                 antialias=True)
+                 for i, (top, left, height, width) in enumerate(self.crop_boxes(*images.shape[-2:], len(images))
+                                                                .tolist())]
+        return crops[0] if len(crops) == 1 else torch.cat(crops)
 
     def extra_repr(self):
         return f"size={self.size}, scale={self.scale}, ratio={self.ratio}"
@@ -253,7 +253,7 @@ class TrainAugmentation(nn.Module):
 
     def augment_chunk(self, images):
         if images.dtype == torch.uint8:
-            images = images.float().div_(255)
+            images = images / 255  # to float in one pass
         return self.augmentations(images).clamp_(0, 1)
 
     def augment(self, images):

@@ -163,8 +163,8 @@ def build_parser(is_training=True):
                             "test flags (never stale): evaluating the same model again skips the extraction")
     group.add_argument("--faiss_index", choices=list(FAISS_INDEXES), default="exact",
                        help="kNN index: exact, or approximate for databases of millions of images: ivfpq "
-                            "(--faiss_nlist, --faiss_nprobe, --faiss_pq_m) or hnsw (--faiss_hnsw_m, --faiss_ef_search); "
-                            "an approximate index logs its size and its recall loss against the exact search")
+                            "(--faiss_nlist, --faiss_nprobe, --faiss_pq_m) or hnsw (--faiss_hnsw_m, "
+                            "--faiss_ef_search); an approximate index logs its size and its recall loss against exact")
     group.add_argument("--faiss_nlist", type=non_negative_int, default=0,
                        help="ivfpq: k-means cells of the database (0: 4 sqrt(database size))")
     group.add_argument("--faiss_nprobe", type=positive_int, default=32, help="ivfpq: cells searched per query")

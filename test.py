@@ -196,10 +196,10 @@ def test(args, dataset, model, return_details=False):
         exact_predictions = search(reference, queries_descriptors, k)
         exact_time = time.perf_counter() - start_time
         exact_recalls = compute_recalls(exact_predictions, dataset.get_positives(), args.recall_values)
-        queries_num = max(1, len(queries_descriptors))
-        logging.info(f"{dataset.dataset_name}: {options['kind']} index {index_megabytes(index):.1f} MB "
-                     f"(exact {index_megabytes(reference):.1f} MB), {search_time / queries_num * 1000:.3f} ms "
-                     f"per query (exact {exact_time / queries_num * 1000:.3f}); recall loss (exact - approximate): "
+        ms_per_query = 1000 / max(1, len(queries_descriptors))
+        logging.info(f"{dataset.dataset_name}: {options['kind']} index {index_megabytes(index):.2f} MB "
+                     f"(exact {database_descriptors.nbytes / 2 ** 20:.2f} MB), {search_time * ms_per_query:.3f} ms "
+                     f"per query (exact {exact_time * ms_per_query:.3f}); recall loss (exact - approximate): "
                      + ", ".join(f"R@{n} {e - r:.2f}" for n, e, r in zip(args.recall_values, exact_recalls, recalls)))
     if return_details:
         return recalls, predictions, descriptors

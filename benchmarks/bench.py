@@ -1,7 +1,7 @@
 """Speed and memory of our input pipeline, training and evaluation against the naive (upstream CosPlace) ones.
 
     python benchmarks/bench.py [--image_size 512 --train_image_size 128 --batch_size 32 --num_workers 2
-                                --device auto --iterations 8 --out results.json]
+                                --device auto --iterations 10 --out results.json]
 
 It writes synthetic 512 px JPEGs (datasets/synthetic.py scenes) into a temporary folder, runs every case in
 its own process (so that each peak memory is its own) and prints one table. The naive pipeline is upstream
@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 
+import faiss
 import numpy as np
 import torch
 import torchvision.transforms as T
@@ -51,7 +52,8 @@ from datasets.test_dataset import TestDataset  # noqa: E402
 from datasets.train_dataset import ClassBatchSampler, TrainDataset, load_groups  # noqa: E402
 from model import network  # noqa: E402
 
-TRAIN_PLACES, IMAGES_PER_PLACE, TEST_PLACES = 40, 4, 16
+TRAIN_PLACES, IMAGES_PER_PLACE, TEST_PLACES = 40, 4, 12
+WARMUP_BATCHES = 2  # the first waits for the workers to start
 
 
 #### The naive pipeline (upstream CosPlace), for comparison only
@@ -107,11 +109,13 @@ class NaiveAugmentation(torch.nn.Module):
 
 
 @torch.no_grad()
-def naive_descriptors(model, dataset, device, batch_size, num_workers):
-    """Upstream's extraction: database images in batches, queries one at a time."""
+def naive_descriptors(model, dataset, device, batch_size, num_workers, database=None, queries=None):
+    """Upstream's extraction: database images in batches, queries one at a time (all, or those indices)."""
     model = model.eval()
     descriptors = np.empty((len(dataset), model.fc_output_dim), dtype=np.float32)
-    parts = [(range(dataset.database_num), batch_size), (range(dataset.database_num, len(dataset)), 1)]
+    database = range(dataset.database_num) if database is None else database
+    queries = range(dataset.database_num, len(dataset)) if queries is None else queries
+    parts = [(database, batch_size), (queries, 1)]
     for indices, part_batch_size in parts:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(NaiveTestDataset(dataset), indices),
                                              batch_size=part_batch_size, num_workers=num_workers,
@@ -122,18 +126,11 @@ def naive_descriptors(model, dataset, device, batch_size, num_workers):
 
 
 def naive_retrieval(database_descriptors, queries_descriptors, positives_per_query, recall_values):
-    """Upstream's kNN (exact faiss index) and recall loop."""
-    import faiss
+    """Upstream's kNN: an exact faiss index (its recall loop is test.compute_recalls' own)."""
     index = faiss.IndexFlatL2(database_descriptors.shape[1])
     index.add(database_descriptors)
     _, predictions = index.search(queries_descriptors, max(recall_values))
-    recalls = np.zeros(len(recall_values))
-    for query_index, preds in enumerate(predictions):
-        for i, n in enumerate(recall_values):
-            if np.any(np.isin(preds[:n], positives_per_query[query_index])):
-                recalls[i:] += 1
-                break
-    return recalls / len(predictions) * 100
+    return test.compute_recalls(predictions, positives_per_query, recall_values)
 
 
 #### Measurements
@@ -235,7 +232,7 @@ def case_input(pipeline, config):
     args = project_args(config, config.image_size)
     augment = augmented_batches(pipeline, args)
     return timed_loop(train_loader(pipeline, args, config), augment, config.iterations, args.device,
-                      args.batch_size, warmup=args.num_workers + 1)
+                      args.batch_size, WARMUP_BATCHES)
 
 
 def case_train(pipeline, config):
@@ -245,18 +242,22 @@ def case_train(pipeline, config):
     if pipeline == "network":  # a fixed batch already on the device: the network alone
         images, targets = augment(next(iter(loader)))
         return timed_loop(itertools.repeat(None), lambda _: step(images, targets), config.train_iterations,
-                          args.device, args.batch_size, warmup=2)
+                          args.device, args.batch_size, WARMUP_BATCHES)
     return timed_loop(loader, lambda batch: step(*augment(batch)), config.train_iterations, args.device,
-                      args.batch_size, warmup=args.num_workers + 1)
+                      args.batch_size, WARMUP_BATCHES)
 
 
 def case_eval(pipeline, config):
+    """Descriptor extraction and retrieval timed apart, then a whole evaluation (test.test for ours)."""
     args = project_args(config, config.image_size)
     args.infer_batch_size, args.decode_on_gpu = config.infer_batch_size, pipeline == "ours_gpu_decode"
     model = network.build_model(args).to(args.device)
     dataset = TestDataset(args.test_set_folder, decode_on_gpu=args.decode_on_gpu)
     positives = dataset.get_positives()
+    warmup_database, warmup_queries = range(args.infer_batch_size), [len(dataset) - 1]  # a batch and a query
     if pipeline == "naive":
+        naive_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, warmup_database,
+                          warmup_queries)
         extract = lambda: naive_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers)
         retrieve = lambda d: naive_retrieval(d[:dataset.database_num], d[dataset.database_num:], positives,
                                              args.recall_values)
@@ -264,12 +265,13 @@ def case_eval(pipeline, config):
         if not args.device.startswith("cuda"):
             args.amp = "none"
         args.channels_last = args.device.startswith("cuda")
+        test.compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.amp,
+                                 args.channels_last, indices=[*warmup_database, *warmup_queries])
         extract = lambda: test.dataset_descriptors(args, dataset, model)
         retrieve = lambda d: test.compute_recalls(test.knn_search(d[:dataset.database_num], d[dataset.database_num:],
                                                                   max(args.recall_values)),
                                                   positives, args.recall_values)
-    extract()  # warm-up: worker start-up, cuDNN autotuning, first-touch allocations
-    synchronize(args.device)
+    synchronize(args.device)  # after a warm-up (cuDNN autotuning, first allocations) on a batch and a query
     start_time = time.perf_counter()
     descriptors = extract()
     synchronize(args.device)
@@ -322,7 +324,6 @@ def run_case(config):
     else:
         result = {"input": case_input, "train": case_train, "eval": case_eval}[section](pipeline, config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["workers_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     print(json.dumps(result))
@@ -338,38 +339,40 @@ def number(value):
     return "" if value is None else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
+LOADER_METRICS = (("images_per_s", "images/s"), ("cpu_ms_per_image", "CPU ms per image (main + workers)"))
+MEMORY_METRICS = (("peak_rss_mb", "peak RSS MB, main process"), ("cuda_max_allocated_mb", "CUDA max allocated MB"))
+
+
 def table(results, config, pipelines):
     """One table: a row per metric; columns ours, naive, ours/naive (and ours with --decode_on_gpu on CUDA)."""
     ours_columns = [p for p in pipelines if p != "naive"]
     header = f"{'metric':<52}" + "".join(f"{p:>17}" for p in ours_columns) + f"{'naive':>12}{'ours/naive':>12}"
     lines = [header, "-" * len(header)]
 
-    def row(label, section, key, pipelines_of_row=pipelines):
-        values = {p: results.get(f"{section}:{p}", {}).get(key) for p in pipelines_of_row}
-        if all(v is None for v in values.values()):
+    def section(title, name, metrics):
+        """The title, then a row per metric measured: ours (and variants), naive, ours/naive."""
+        if not any(key.startswith(f"{name}:") for key in results):
             return
-        lines.append(f"{label:<52}" + "".join(f"{number(values.get(p)):>17}" for p in ours_columns)
-                     + f"{number(values.get('naive')):>12}{ratio(values.get('ours'), values.get('naive')):>12}")
+        lines.append(title)
+        for key, label in metrics:
+            values = {p: results.get(f"{name}:{p}", {}).get(key) for p in pipelines}
+            if any(v is not None for v in values.values()):
+                lines.append(f"{'  ' + label:<52}" + "".join(f"{number(values.get(p)):>17}" for p in ours_columns)
+                             + f"{number(values.get('naive')):>12}{ratio(values.get('ours'), values.get('naive')):>12}")
 
-    lines.append(f"Input pipeline at {config.image_size} px (load + default augmentations)")
-    for key, label in (("images_per_s", "images/s"), ("cpu_ms_per_image", "CPU ms per image (main + workers)"),
-                       ("peak_rss_mb", "peak RSS MB, main process"), ("workers_peak_rss_mb", "peak RSS MB, a worker"),
-                       ("cuda_max_allocated_mb", "CUDA max allocated MB")):
-        row("  " + label, "input", key)
-    lines.append(f"Training at {config.train_image_size} px (batch {config.batch_size}, {config.num_workers} workers)")
-    for key, label in (("images_per_s", "images/s"), ("cpu_ms_per_image", "CPU ms per image (main + workers)"),
-                       ("peak_rss_mb", "peak RSS MB, main process"), ("workers_peak_rss_mb", "peak RSS MB, a worker"),
-                       ("cuda_max_allocated_mb", "CUDA max allocated MB")):
-        row("  " + label, "train", key)
+    section(f"Input pipeline at {config.image_size} px (load + default augmentations)", "input",
+            LOADER_METRICS + MEMORY_METRICS)
+    section(f"Training at {config.train_image_size} px (batch {config.batch_size}, {config.num_workers} workers)",
+            "train", LOADER_METRICS + MEMORY_METRICS)
     network_rate = results.get("train:network", {}).get("images_per_s")
-    lines.append(f"{'  network alone on a fixed batch, images/s (bound)':<52}{number(network_rate):>17}")
-    lines.append(f"Evaluation ({TEST_PLACES * 2} database + {TEST_PLACES} queries at 512 px, "
-                 f"infer batch {config.infer_batch_size})")
-    for key, label in (("descriptors_images_per_s", "descriptor extraction, images/s"),
-                       ("retrieval_ms_per_query", "retrieval (exact kNN + recalls), ms per query"),
-                       ("full_evaluation_s", "full evaluation, s"), ("R@1", "R@1 (random weights: equal is right)"),
-                       ("peak_rss_mb", "peak RSS MB, main process"), ("cuda_max_allocated_mb", "CUDA max allocated MB")):
-        row("  " + label, "eval", key)
+    if network_rate:
+        lines.append(f"{'  network alone on a fixed batch, images/s (bound)':<52}{number(network_rate):>17}")
+    section(f"Evaluation ({TEST_PLACES * 2} database + {TEST_PLACES} queries at 512 px, infer batch "
+            f"{config.infer_batch_size})", "eval",
+            (("descriptors_images_per_s", "descriptor extraction, images/s"),
+             ("retrieval_ms_per_query", "retrieval (exact kNN + recalls), ms per query"),
+             ("full_evaluation_s", "full evaluation, s"), ("R@1", "R@1 (random weights: equal is right)"))
+            + MEMORY_METRICS)
     retrieval = results.get("retrieval", {}).get("indexes")
     if retrieval:
         lines.append(f"Retrieval at scale ({config.retrieval_database} database, {config.retrieval_queries} queries, "
@@ -407,8 +410,8 @@ def main():
     cli.add_argument("--device", default="auto", help="auto, cpu or cuda")
     cli.add_argument("--amp", default=None, choices=["none", "fp16", "bf16"],
                      help="our pipeline's --amp (default: bf16 on CUDA; the CPU ignores it); naive is fp32")
-    cli.add_argument("--iterations", type=int, default=8, help="timed batches of the input pipeline")
-    cli.add_argument("--train_iterations", type=int, default=6, help="timed training steps")
+    cli.add_argument("--iterations", type=int, default=10, help="timed batches of the input pipeline")
+    cli.add_argument("--train_iterations", type=int, default=8, help="timed training steps")
     cli.add_argument("--retrieval_repeats", type=int, default=20, help="repeats of the (fast) retrieval timing")
     cli.add_argument("--retrieval_database", type=int, default=20000,
                      help="database size of the retrieval-at-scale section (0: skip it)")
@@ -443,7 +446,8 @@ def main():
                 [f"--{k}={v}" for k, v in vars(config).items() if k not in ("case", "data", "out", "sections")]
             completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
             if completed.returncode != 0:
-                raise SystemExit(f"benchmark case {case} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+                raise SystemExit(f"benchmark case {case} failed:\n{completed.stdout[-3000:]}\n"
+                                 f"{completed.stderr[-5000:]}")
             results[case] = json.loads(completed.stdout.strip().splitlines()[-1])
             print(f"  {case}: done in {time.perf_counter() - start_time:.0f} s", flush=True)
     output = table(results, config, pipelines)

@@ -53,14 +53,14 @@ def load_image_tensor(path, size=None):
 
 
 def normalize(images):
-    """uint8 or [0, 1] float batch -> ImageNet-normalised float batch, on the batch's device. One new tensor,
-    then in-place operations: on the CPU every new large tensor costs page faults."""
+    """uint8 or [0, 1] float batch -> ImageNet-normalised float batch, on the batch's device, as
+    images * scale - shift in one pass (two from uint8): on the CPU each pass over a batch counts."""
     dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
     mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
     if images.dtype == torch.uint8:
-        return images.float().div_(255).sub_(mean).div_(std)
-    return (images - mean).div_(std)
+        return torch.mul(images, 1 / (255 * std)).sub_(mean / std)
+    return torch.addcmul(-mean / std, images, 1 / std)
 
 
 def image_size_of(path):
@@ -85,8 +85,12 @@ class EncodedImage(NamedTuple):
 
 
 class EncodedImages(NamedTuple):
-    """A batch of EncodedImage, as collate_images makes it (lists: the files have different lengths)."""
-    data: list
+    """A batch of EncodedImage, as collate_images makes it: the items' data concatenated into one uint8 tensor
+    (one shared-memory block per batch, as torch's collation makes; a tensor per file would exhaust the file
+    descriptors that carry them between processes), with each item's length and shape (None for JPEG bytes)."""
+    data: torch.Tensor
+    lengths: list
+    shapes: list
     paths: list
 
 
@@ -104,9 +108,12 @@ def load_encoded_image(path, size=None):
 
 def collate_images(batch):
     """DataLoader collate_fn of datasets whose items are (image, label...): torch's default collation, except
-    that the EncodedImage of --decode_on_gpu stay a list (EncodedImages), as their lengths differ."""
+    for the EncodedImage of --decode_on_gpu, of different lengths, which become one EncodedImages."""
     if isinstance(batch[0][0], EncodedImage):
-        images = EncodedImages([item[0].data for item in batch], [item[0].path for item in batch])
+        data = [item[0].data for item in batch]
+        images = EncodedImages(torch.cat([d.reshape(-1) for d in data]), [d.numel() for d in data],
+                               [None if d.dim() == 1 else tuple(d.shape) for d in data],
+                               [item[0].path for item in batch])
         return (images, *default_collate([item[1:] for item in batch]))
     return default_collate(batch)
 
@@ -132,10 +139,10 @@ def images_to_device(images, size, device):
     when size is given; without size the images must already have the same size (test.batches_by_size)."""
     if not isinstance(images, EncodedImages):
         return images.to(device, non_blocking=True)
-    jpegs = [i for i, data in enumerate(images.data) if data.dim() == 1]
-    decoded = list(images.data)
-    for i, image in zip(jpegs, decode_jpegs([images.data[i] for i in jpegs], [images.paths[i] for i in jpegs],
-                                           device)):
+    decoded = [data if shape is None else data.view(shape)
+               for data, shape in zip(images.data.split(images.lengths), images.shapes)]
+    jpegs = [i for i, shape in enumerate(images.shapes) if shape is None]
+    for i, image in zip(jpegs, decode_jpegs([decoded[i] for i in jpegs], [images.paths[i] for i in jpegs], device)):
         decoded[i] = image
     decoded = [image.to(device, non_blocking=True) for image in decoded]
     if size is not None:  # one batched resize per original size (usually one for a whole dataset)

@@ -233,3 +233,12 @@ def test_real_images_train_and_eval_end_to_end(sf_xs_night_mini, tmp_path):
                                        saved["database_utms"], saved["queries_utms"], [1, 5, 10, 20])
         got = results[os.path.join(sf_xs_night_mini, split)]
         np.testing.assert_allclose([got["R@1"], got["R@5"], got["R@10"], got["R@20"]], expected, atol=1e-9)
+
+
+def test_every_flag_is_documented_in_the_readme():
+    import parser
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    flags = {option for is_training in (True, False) for action in parser.build_parser(is_training)._actions
+             for option in action.option_strings if option.startswith("--") and option != "--help"}
+    undocumented = sorted(flag for flag in flags if f"`{flag}`" not in readme and f"`{flag}," not in readme)
+    assert not undocumented, f"flags missing from the README's flag tables: {undocumented}"
