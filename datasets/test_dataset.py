@@ -13,6 +13,7 @@ from datasets.image_loading import load_encoded_image, load_image_tensor
 
 class TestDataset(torch.utils.data.Dataset):
     """Items 0..database_num-1 are database images, then the queries. Returns (uint8 image, index)."""
+    __test__ = False  # a dataset, not a pytest test class
 
     def __init__(self, dataset_folder, positive_dist_threshold=25, image_size=None, on_bad_name="error",
                  image_check=None, decode_on_gpu=False):
