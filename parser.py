@@ -6,6 +6,8 @@ import os
 from cosface_loss import MARGIN_HEADS
 from model.aggregators import AGGREGATORS
 from model.backbones import BACKBONES
+from optimizers import OPTIMIZERS, SCHEDULES
+from ssl_losses import SSL_LOSSES
 from test import FAISS_INDEXES
 
 
@@ -51,11 +53,11 @@ def build_parser(is_training=True):
     group.add_argument("--iterations_per_epoch", type=positive_int, default=10000, help="iterations per epoch")
     group.add_argument("--lr", type=float, default=0.00001, help="learning rate of the backbone and aggregation")
     group.add_argument("--classifiers_lr", type=float, default=0.01, help="learning rate of the CosFace heads")
-    group.add_argument("--optimizer", type=str, default="adam",
-                       help="adam, adamw, sgd or asgd (optimizers.py), for the model and the heads")
+    group.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam",
+                       help="optimizer of the model and the heads (optimizers.py)")
     group.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the optimizers")
     group.add_argument("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
-    group.add_argument("--scheduler", type=str, default="none",
+    group.add_argument("--scheduler", choices=list(SCHEDULES), default="none",
                        help="per-epoch lr schedule: none (constant), cosine, step, or plateau (on val R@1)")
     group.add_argument("--warmup_epochs", type=non_negative_int, default=0,
                        help="linear lr warm-up: epoch e < W trains at lr * (e+1)/(W+1), then the --scheduler starts")
@@ -130,7 +132,8 @@ def build_parser(is_training=True):
                        help="random_resized_crop keeps between 1-x and all of the image area")
     # Self-supervised auxiliary loss
     group = parser.add_argument_group("Self-supervised auxiliary loss (between two augmented views of the batch)")
-    group.add_argument("--ssl_loss", type=str, default="none", help="none, vicreg, ntxent or supcon (ssl_losses.py)")
+    group.add_argument("--ssl_loss", choices=["none", *SSL_LOSSES], default="none",
+                       help="self-supervised loss between two views of the batch (ssl_losses.py)")
     group.add_argument("--ssl_weight", type=float, default=0.1, help="weight of the self-supervised loss")
     group.add_argument("--ssl_augmentations", nargs="+", default=["color_jitter", "random_resized_crop"],
                        help="augmentations of the second view (the first is the training batch), as --augmentations")
