@@ -1,4 +1,5 @@
-"""Training augmentations, batched on the model's device with per-image random parameters (kornia).
+"""Training augmentations, batched on the model's device with per-image random parameters (colour jitter and
+resized crops written here for speed, kornia for the others).
 
 `--augmentations` takes a list of `name` or `name:strength`; AUGMENTATIONS maps each name to a constructor
 (strength or None, args) -> nn.Module working on float images in [0, 1]. The defaults reproduce CosPlace:
@@ -106,8 +107,11 @@ def color_jitter(strength, args):
 class RandomResizedCrop(nn.Module):
     """torchvision's RandomResizedCrop for a batch: each image its own crop, of an area in scale (a fraction of
     the image's) and a log-uniform aspect ratio in ratio (10 tries, then the central crop, as torchvision),
-    resized to size x size (antialiased bilinear). One resize per image, as the crops differ in size; the crop
-    boxes are drawn on the CPU, so nothing waits for the device."""
+    resized to size x size with bilinear sampling. All crops are sampled in one grid_sample call (one affine grid
+    per image), no loop over the images; the crop boxes are drawn on the CPU, so nothing waits for the device.
+    The training images arrive at --image_size, so a crop is never shrunk and needs no antialiasing; inside the
+    crop the pixels are torchvision's, its outermost ring of output pixels blends in the neighbouring pixels
+    instead of repeating the crop's edge."""
 
     def __init__(self, size, scale, ratio=(3 / 4, 4 / 3), tries=10):
         super().__init__()
@@ -132,12 +136,18 @@ class RandomResizedCrop(nn.Module):
         return torch.stack([tops, lefts, heights, widths], dim=1).long()
 
     def forward(self, images):
-        crops = [torch.nn.functional.interpolate(images[i: i + 1, :, top: top + height, left: left + width],
-                                                 size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                                 antialias=True)
-                 for i, (top, left, height, width) in enumerate(self.crop_boxes(*images.shape[-2:], len(images))
-                                                                .tolist())]
-        return crops[0] if len(crops) == 1 else torch.cat(crops)
+        height, width = images.shape[-2:]
+        tops, lefts, heights, widths = self.crop_boxes(height, width, len(images)).double().unbind(dim=1)
+        # Output pixel u samples x = left + (u + 0.5) * w / size - 0.5, as interpolate(align_corners=False);
+        # in grid_sample's [-1, 1] coordinates that is the affine map below
+        theta = torch.zeros(len(images), 2, 3, dtype=torch.float64)
+        theta[:, 0, 0], theta[:, 0, 2] = widths / width, (2 * lefts + widths) / width - 1
+        theta[:, 1, 1], theta[:, 1, 2] = heights / height, (2 * tops + heights) / height - 1
+        grid = torch.nn.functional.affine_grid(theta.to(images.device, images.dtype),
+                                               [len(images), images.shape[1], self.size, self.size],
+                                               align_corners=False)
+        return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                                               align_corners=False)
 
     def extra_repr(self):
         return f"size={self.size}, scale={self.scale}, ratio={self.ratio}"
