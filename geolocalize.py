@@ -22,7 +22,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 import utm
 
 import commons
@@ -30,24 +29,8 @@ import parser
 import test
 import visualizations
 from datasets.dataset_utils import DatasetError, find_images, parse_image_name, read_utms
-from datasets.image_loading import ImageLoadError, load_encoded_image, load_image_tensor
+from datasets.image_loading import ImageListDataset, ImageLoadError
 from model import network
-
-
-class ImageListDataset(torch.utils.data.Dataset):
-    """Images of a list of paths, as test.compute_descriptors and test.dataset_descriptors want them (the
-    attributes of TestDataset they read); items are (uint8 image, index)."""
-
-    def __init__(self, name, paths, image_size=None, decode_on_gpu=False):
-        super().__init__()
-        self.dataset_name, self.images_paths, self.image_size = name, list(paths), image_size
-        self.load_image = load_encoded_image if decode_on_gpu else load_image_tensor
-
-    def __getitem__(self, index):
-        return self.load_image(self.images_paths[index], self.image_size), index
-
-    def __len__(self):
-        return len(self.images_paths)
 
 
 def build_parser():
@@ -146,10 +129,10 @@ def geolocalize(args):
     model = network.build_model(args)
     network.load_model_weights(model, args.resume_model)
     model = model.to(args.device)
-    database = ImageListDataset(os.path.basename(os.path.normpath(args.database_folder)), database_paths,
-                                args.test_image_size, args.decode_on_gpu)
+    database = ImageListDataset(database_paths, args.test_image_size, args.decode_on_gpu,
+                                name=os.path.basename(os.path.normpath(args.database_folder)))
     descriptors = test.dataset_descriptors(args, database, model)
-    photos = ImageListDataset("photos", args.photos, args.test_image_size, args.decode_on_gpu)
+    photos = ImageListDataset(args.photos, args.test_image_size, args.decode_on_gpu, name="photos")
     photos_descriptors = test.compute_descriptors(model, photos, args.device, args.infer_batch_size, args.num_workers,
                                                   args.amp, args.channels_last, description="photos descriptors")
     predictions = test.knn_search(descriptors, photos_descriptors, args.top_k, **test.index_options(args))

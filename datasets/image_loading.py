@@ -155,3 +155,20 @@ def images_to_device(images, size, device):
                 for i, image in zip(positions, resized):
                     decoded[i] = image
     return torch.stack(decoded)
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """The images of a list of paths, items (uint8 image, index): what test.compute_descriptors reads
+    (images_paths, image_size, dataset_name). With decode_on_gpu the items are the JPEG bytes, decoded by
+    images_to_device."""
+
+    def __init__(self, paths, image_size=None, decode_on_gpu=False, name="images"):
+        super().__init__()
+        self.images_paths, self.image_size, self.dataset_name = list(paths), image_size, name
+        self.load_image = load_encoded_image if decode_on_gpu else load_image_tensor
+
+    def __getitem__(self, index):
+        return self.load_image(self.images_paths[index], self.image_size), index
+
+    def __len__(self):
+        return len(self.images_paths)

@@ -3,32 +3,27 @@
 import logging
 import os
 
-import numpy as np
-import torch
 from sklearn.neighbors import NearestNeighbors
 
 from datasets.dataset_utils import DatasetError, find_images, find_queries_folder, read_utms
-from datasets.image_loading import load_encoded_image, load_image_tensor
+from datasets.image_loading import ImageListDataset
 
 
-class TestDataset(torch.utils.data.Dataset):
+class TestDataset(ImageListDataset):
     """Items 0..database_num-1 are database images, then the queries. Returns (uint8 image, index)."""
     __test__ = False  # a dataset, not a pytest test class
 
     def __init__(self, dataset_folder, positive_dist_threshold=25, image_size=None, on_bad_name="error",
                  image_check=None, decode_on_gpu=False):
-        super().__init__()
         self.dataset_folder = dataset_folder
-        self.load_image = load_encoded_image if decode_on_gpu else load_image_tensor  # see images_to_device
-        self.dataset_name = os.path.basename(os.path.normpath(dataset_folder))
-        self.image_size = image_size
         database_folder = os.path.join(dataset_folder, "database")
         if not os.path.isdir(database_folder):
             raise DatasetError(f"{dataset_folder} has no database/ folder: a test set needs database/ and queries/")
         queries_folder = find_queries_folder(dataset_folder)
         self.database_paths, self.database_utms, _ = read_utms(find_images(database_folder, image_check), on_bad_name)
         self.queries_paths, self.queries_utms, _ = read_utms(find_images(queries_folder, image_check), on_bad_name)
-        self.images_paths = self.database_paths + self.queries_paths
+        super().__init__(self.database_paths + self.queries_paths, image_size, decode_on_gpu,
+                         name=os.path.basename(os.path.normpath(dataset_folder)))
         self.database_num, self.queries_num = len(self.database_paths), len(self.queries_paths)
         self.positive_dist_threshold = positive_dist_threshold
         # A KD-tree over the database positions: positives of every query in O(log n) each
@@ -43,12 +38,6 @@ class TestDataset(torch.utils.data.Dataset):
         elif self.queries_without_positives:
             logging.info(f"{self.dataset_name}: {self.queries_without_positives} of {self.queries_num} queries have "
                          f"no database image within {positive_dist_threshold} m (they count as misses)")
-
-    def __getitem__(self, index):
-        return self.load_image(self.images_paths[index], self.image_size), index
-
-    def __len__(self):
-        return len(self.images_paths)
 
     def __repr__(self):
         return f"< {self.dataset_name} - #q: {self.queries_num}; #db: {self.database_num} >"

@@ -7,27 +7,19 @@ import numpy as np
 import torch
 
 from datasets.dataset_utils import find_images
-from datasets.image_loading import load_image_tensor
+from datasets.image_loading import ImageListDataset
 
 
-class UnlabeledDataset(torch.utils.data.Dataset):
+class UnlabeledDataset(ImageListDataset):
     """All images under a folder (recursively). Items are (uint8 image, index) as TestDataset's, so the
     same size-bucketed batching (test.batches_by_size) works when image_size is None (original sizes)."""
 
     def __init__(self, folder, image_size=None):
-        super().__init__()
+        super().__init__(find_images(folder), image_size, name=os.path.basename(os.path.normpath(folder)))
         self.folder = folder
-        self.images_paths = find_images(folder)
-        self.image_size = image_size
-
-    def __getitem__(self, index):
-        return load_image_tensor(self.images_paths[index], self.image_size), index
-
-    def __len__(self):
-        return len(self.images_paths)
 
     def __repr__(self):
-        return f"< {os.path.basename(os.path.normpath(self.folder))} - {len(self)} unlabeled images >"
+        return f"< {self.dataset_name} - {len(self)} unlabeled images >"
 
 
 class RandomBatchSampler(torch.utils.data.Sampler):

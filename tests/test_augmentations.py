@@ -1,7 +1,6 @@
 """Training augmentations: shapes and ranges, per-image random parameters, seeds, the night simulation and
 the preview CLI. All in-process on tiny CPU batches."""
 
-import kornia.augmentation as K
 import pytest
 import torch
 from PIL import Image
