@@ -48,6 +48,7 @@ def main(argv=None):
     logging.info(f"The outputs are being saved in {output_folder}")
 
     commons.make_deterministic(args.seed)  # without --resume_model, the same initialisation as train.py's
+    commons.reuse_freed_memory()
     model = network.build_model(args)
     if args.resume_model is not None:
         logging.info(f"Loading model from {args.resume_model}")

@@ -62,6 +62,7 @@ logging.info(" ".join(sys.argv))
 logging.info(f"Arguments: {args}")
 logging.info(f"The outputs are being saved in {output_folder}")
 commons.make_deterministic(args.seed)
+commons.reuse_freed_memory()
 
 #### Model
 model = network.build_model(args)

@@ -5,13 +5,13 @@
 
 It writes synthetic 512 px JPEGs (datasets/synthetic.py scenes) into a temporary folder, runs every case in
 its own process (so that each peak memory is its own) and prints one table. The naive pipeline is upstream
-CosPlace's: Pillow decodes the full image, torchvision's Resize/ToTensor(/Normalize) run per image in the
+CosPlace's: Pillow decodes the full 512 px image, torchvision's ToTensor(/Normalize) run per image in the
 Dataset, the augmentation is a Python loop over the images of the batch on the device (its
-DeviceAgnosticColorJitter / DeviceAgnosticRandomResizedCrop), training is fp32 with loss.item() at every
-step, and queries are evaluated one at a time (batch size 1). Ours is what train.py and test.py run:
-uint8 tensors decoded at reduced scale (Pillow draft mode), batched augmentation on the device, AMP
-(--amp, bf16 on CUDA by default) and channels_last on CUDA, queries batched by size; on CUDA also with
---decode_on_gpu. Sections:
+DeviceAgnosticColorJitter at 512 px, then DeviceAgnosticRandomResizedCrop to the training size), training is
+fp32 with loss.item() at every step, and queries are evaluated one at a time (batch size 1). Ours is what
+train.py and test.py run: uint8 tensors decoded at reduced scale (Pillow draft mode), batched augmentation on
+the device, AMP (--amp, bf16 on CUDA by default), channels_last (on by default), queries batched by size,
+freed CPU memory reused (commons.reuse_freed_memory); on CUDA also with --decode_on_gpu. Sections:
   - input pipeline: loading + default augmentations at --image_size, no network;
   - training: full steps (ResNet-18 + GeM + CosFace, Adam) at --train_image_size, and the network alone on a
     fixed batch (the upper bound of any input pipeline);
@@ -59,12 +59,12 @@ WARMUP_BATCHES = 2  # the first waits for the workers to start
 #### The naive pipeline (upstream CosPlace), for comparison only
 
 class NaiveTrainDataset(torch.utils.data.Dataset):
-    """Upstream's training items: Pillow full decode, Resize when the size differs, ToTensor (float)."""
+    """Upstream's training items: Pillow full decode, ToTensor (float), at the files' 512 px (upstream
+    asserts that size; its crop brings the images to the training size)."""
 
-    def __init__(self, classes, image_size):
+    def __init__(self, classes):
         super().__init__()
-        self.classes, self.image_size = classes, image_size
-        self.resize = T.Resize((image_size, image_size), antialias=True)
+        self.classes = classes
 
     def __len__(self):
         return len(self.classes)
@@ -72,8 +72,6 @@ class NaiveTrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         class_index, image_index = index
         image = Image.open(self.classes[class_index][image_index]).convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = self.resize(image)
         return T.functional.to_tensor(image), class_index
 
 
@@ -186,7 +184,7 @@ def train_loader(pipeline, args, config):
     classes = load_groups(args.train_set_folder, args.M, args.alpha, args.N, args.L, args.min_images_per_class,
                           args.cache_folder)[0]
     decode_on_gpu = pipeline == "ours_gpu_decode"
-    dataset = NaiveTrainDataset(classes, args.image_size) if pipeline == "naive" else \
+    dataset = NaiveTrainDataset(classes) if pipeline == "naive" else \
         TrainDataset(classes, args.image_size, decode_on_gpu=decode_on_gpu)
     sampler = ClassBatchSampler([len(c) for c in classes], args.batch_size, args.seed, epoch=0)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -201,7 +199,7 @@ def augmented_batches(pipeline, args):
         augmentation = NaiveAugmentation(args)
         return lambda batch: (augmentation(batch[0].to(args.device)), batch[1].to(args.device))
     augmentation = augmentations.TrainAugmentation(args.augmentations, args).to(args.device)
-    memory_format = torch.channels_last if args.device.startswith("cuda") else torch.contiguous_format
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     return lambda batch: (augmentation(images_to_device(batch[0], args.image_size, args.device))
                           .contiguous(memory_format=memory_format), batch[1].to(args.device, non_blocking=True))
 
@@ -210,7 +208,7 @@ def training_step(pipeline, args, classes_num):
     """A function (images, targets) -> None doing one optimisation step, as train.py (ours) or upstream."""
     model = network.build_model(args).to(args.device).train()
     head = cosface_loss.get_margin_head(args.loss, args.fc_output_dim, classes_num, args.loss_scale).to(args.device)
-    if pipeline != "naive" and args.device.startswith("cuda"):
+    if pipeline != "naive" and args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=args.lr)
@@ -264,7 +262,6 @@ def case_eval(pipeline, config):
     else:
         if not args.device.startswith("cuda"):
             args.amp = "none"
-        args.channels_last = args.device.startswith("cuda")
         test.compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.amp,
                                  args.channels_last, indices=[*warmup_database, *warmup_queries])
         extract = lambda: test.dataset_descriptors(args, dataset, model)
@@ -319,6 +316,8 @@ def run_case(config):
     """Runs one case (in this process) and prints its result as the last line of the output."""
     torch.manual_seed(0)
     section, _, pipeline = config.case.partition(":")
+    if pipeline != "naive":
+        commons.reuse_freed_memory()  # as train.py and eval.py
     if section == "retrieval":
         result = case_retrieval(config)
     else:

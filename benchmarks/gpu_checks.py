@@ -70,15 +70,15 @@ def check_amp_step(device, amp):
 
 def check_augmentation(device, paths):
     """The default augmentation on the device gives the CPU's images for the same seed (random parameters
-    are drawn on the CPU; 16 images at 128 px are one CPU chunk, so both draw them alike), and its speed on a
-    batch of 32 at 512 px."""
+    are drawn on the CPU; 16 images at 128 px are one CPU chunk, so both draw them alike) but for the crops'
+    outermost ring (RandomResizedCrop.crop_all on the device), and its speed on a batch of 32 at 512 px."""
     images = torch.stack([load_image_tensor(path, 128) for path in paths[:16]])
     pipeline = augmentations.TrainAugmentation(project_args(device).augmentations, project_args(device))
     torch.manual_seed(0)
     reference = pipeline.to("cpu")(images)
     torch.manual_seed(0)
     on_device = pipeline.to(device)(images.to(device)).cpu()
-    error = (on_device - reference).abs().max().item()
+    error = (on_device - reference)[..., 1:-1, 1:-1].abs().max().item()  # the crops' outer ring differs by design
     assert error < 1e-3, f"max difference {error}"
     args = project_args(device, image_size=512)
     pipeline = augmentations.TrainAugmentation(args.augmentations, args).to(device)

@@ -56,7 +56,8 @@ def test_aggregators_flag_lists_the_registry():
 @pytest.mark.parametrize("aggregator", list(AGGREGATOR_OPTIONS))
 @pytest.mark.parametrize("backbone_name", BACKBONE_NAMES)
 def test_descriptors_and_gradients(backbone_of, backbone_name, aggregator):
-    """[B, DIM] unit descriptors at two image sizes; gradients reach every trainable parameter, no frozen one."""
+    """[B, DIM] unit descriptors at two image sizes, the same from channels_last images (--channels_last, on by
+    default); gradients reach every trainable parameter, no frozen one."""
     torch.manual_seed(0)
     backbone = backbone_of(backbone_name)
     backbone.zero_grad(set_to_none=True)
@@ -66,6 +67,11 @@ def test_descriptors_and_gradients(backbone_of, backbone_name, aggregator):
         assert descriptors.shape == (2, DIM)
         torch.testing.assert_close(descriptors.norm(dim=1), torch.ones(2))
         (descriptors * torch.randn_like(descriptors)).sum().backward()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        contiguous = aggregation(backbone(images))
+        channels_last = aggregation(backbone(images.contiguous(memory_format=torch.channels_last)))
+    torch.testing.assert_close(channels_last, contiguous, atol=1e-5, rtol=1e-4)
     trainable = [p for p in backbone.parameters() if p.requires_grad]
     frozen = [p for p in backbone.parameters() if not p.requires_grad]
     assert trainable and frozen

@@ -51,8 +51,9 @@ def model():
 def test_ours_naive_and_byte_paths_load_the_same_training_images(large_images, size):
     paths = find_images(large_images)
     ours = torch.stack([load_image_tensor(path, size) for path in paths]).float() / 255
-    naive_dataset = bench.NaiveTrainDataset([paths], size)
+    naive_dataset = bench.NaiveTrainDataset([paths])  # full size; upstream's crop at scale 1 is this resize
     naive = torch.stack([naive_dataset[(0, i)][0] for i in range(len(paths))])
+    naive = naive if size == 160 else TF.resize(naive, [size, size], antialias=True)
     encoded, _ = collate_images([(load_encoded_image(path, size), 0) for path in paths])
     decoded = images_to_device(encoded, size, "cpu").float() / 255
     assert ours.shape == naive.shape == decoded.shape == (len(paths), 3, size, size)
@@ -130,12 +131,15 @@ def test_batched_random_resized_crop_is_torchvision_resized_crop():
     assert areas.min() >= 0.45 and areas.max() <= 1  # the scale range, up to rounding
     images = torch.rand(3, 3, 48, 40)
     torch.manual_seed(1)
-    cropped = crop(images)
+    cropped = crop(images)  # on the CPU: crop_each
     torch.manual_seed(1)
-    for image, result, (top, left, height, width) in zip(images, cropped, crop.crop_boxes(48, 40, 3).tolist()):
+    boxes = crop.crop_boxes(48, 40, 3)
+    all_at_once = crop.crop_all(images, boxes)  # the path of the other devices
+    for image, result, one_call, (top, left, height, width) in zip(images, cropped, all_at_once, boxes.tolist()):
         expected = TF.resized_crop(image, top, left, height, width, [48, 48], antialias=True)
+        assert torch.allclose(result, expected, atol=1e-6)
         # Inside the crop the same bilinear pixels; the outermost ring may blend in the pixels beyond the crop
-        assert torch.allclose(result[:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], atol=1e-5)
+        assert torch.allclose(one_call[:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], atol=1e-5)
 
 
 #### Evaluation
