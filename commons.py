@@ -138,9 +138,11 @@ def reuse_freed_memory(megabytes=256):
 
 
 def get_rng_states():
+    """This process's RNG states: Python, NumPy, torch's CPU one and, on CUDA, its current device's only (with
+    DDP each process owns one GPU; reading the others' would create a CUDA context on each of them)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -149,7 +151,8 @@ def set_rng_states(states):
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda_state = states["cuda"]  # a list of every device's in the checkpoints of the first release
+        torch.cuda.set_rng_state(cuda_state[0] if isinstance(cuda_state, list) else cuda_state)
 
 
 def atomic_write(path, write_function, mode="wb"):

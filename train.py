@@ -128,6 +128,8 @@ auxiliary_optimizers = [optimizers.get_optimizer(auxiliary_parameters, args.clas
 schedulers = [optimizers.EpochScheduler(optimizer, args)
               for optimizer in (model_optimizer, *classifiers_optimizers, *auxiliary_optimizers)]
 scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and args.device.startswith("cuda"))
+if world_size > 1:  # every module was initialised alike; from here each process draws its own augmentations
+    commons.make_deterministic(args.seed + rank)
 
 #### Resume
 start_epoch_num, start_iteration, best_val_recall1 = 0, 0, 0.0
@@ -171,7 +173,12 @@ if args.resume_train:
     start_epoch_num, start_iteration = checkpoint["epoch_num"], checkpoint["iteration"]
     best_val_recall1, epoch_losses = checkpoint["best_val_recall1"], checkpoint["epoch_losses"]
     metrics_history = checkpoint["metrics_history"]
-    commons.set_rng_states(checkpoint["rng_states"])
+    rng_states = checkpoint["rng_states"]  # one per process (a dict in the checkpoints of the first release)
+    rng_states = [rng_states] if isinstance(rng_states, dict) else rng_states
+    if len(rng_states) != world_size:
+        logging.warning(f"{args.resume_train} was written by a run of {len(rng_states)} processes, this one has "
+                        f"{world_size}: the batches and augmentations will differ from those of an uninterrupted run")
+    commons.set_rng_states(rng_states[rank % len(rng_states)])
     logging.info(f"Resuming from epoch {start_epoch_num}, iteration {start_iteration}, best R@1 {best_val_recall1:.1f}")
     del checkpoint
     previous_best_model = os.path.join(os.path.dirname(os.path.abspath(args.resume_train)), "best_model.pth")
@@ -186,12 +193,17 @@ if is_main:
 
 
 def save_checkpoint(epoch_num, iteration):
-    """Everything needed to continue exactly from here; written atomically by the main process."""
-    if not is_main:
-        return
+    """Everything needed to continue exactly from here; written atomically by the main process, with the RNG
+    states of every process (so every process calls it)."""
     weights = [t for module in (model, *classifiers) for t in module.state_dict().values() if t.is_floating_point()]
     if not all(bool(torch.isfinite(t).all()) for t in weights):  # a finite loss can leave NaN weights
         raise non_finite_error("The weights became non-finite", iteration or args.iterations_per_epoch)  # last done
+    rng_states = [commons.get_rng_states()]
+    if world_size > 1:
+        rng_states = [None] * world_size
+        dist.all_gather_object(rng_states, commons.get_rng_states())
+    if not is_main:
+        return
     commons.atomic_torch_save({
         "epoch_num": epoch_num, "iteration": iteration, "best_val_recall1": best_val_recall1,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": model_optimizer.state_dict(),
@@ -200,7 +212,7 @@ def save_checkpoint(epoch_num, iteration):
         "auxiliary_losses_state_dict": [a.state_dict() for a in auxiliary_losses],
         "auxiliary_optimizers_state_dict": [o.state_dict() for o in auxiliary_optimizers],
         "schedulers_state_dict": [s.state_dict() for s in schedulers],
-        "scaler_state_dict": scaler.state_dict(), "rng_states": commons.get_rng_states(),
+        "scaler_state_dict": scaler.state_dict(), "rng_states": rng_states,
         "epoch_losses": epoch_losses, "metrics_history": metrics_history, "args": vars(args),
     }, os.path.join(output_folder, "last_checkpoint.pth"))
     logging.debug(f"Checkpoint saved: epoch {epoch_num}, iteration {iteration}")
@@ -343,7 +355,7 @@ for epoch_num in range(start_epoch_num, args.epochs_num):
         commons.append_jsonl(record, metrics_path)
         if is_best:  # before the checkpoint, which must never count on a best model not yet written
             commons.atomic_torch_save(model.state_dict(), os.path.join(output_folder, "best_model.pth"))
-        save_checkpoint(epoch_num + 1, 0)
+    save_checkpoint(epoch_num + 1, 0)
 
 logging.info(f"Trained for {args.epochs_num:02d} epochs, in total in {time.time() - start_time:.0f} s")
 

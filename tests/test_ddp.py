@@ -1,5 +1,6 @@
 """Multi-process training (DDP through torchrun), on the CPU with gloo: two processes train the same
-weights on different images, only rank 0 writes, and what it writes loads in a single process."""
+weights on different images with their own augmentations, only rank 0 writes, and what it writes loads in a
+single process."""
 
 import json
 import os
@@ -7,10 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 import eval as eval_script
 import parser
-from conftest import REPO_ROOT, run_folders, tiny_training_args
+from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args
 from datasets.train_dataset import ClassBatchSampler
 from model import network
 
@@ -40,6 +42,15 @@ def test_torchrun_two_processes_on_cpu(synthetic_dataset, tmp_path):
         log = file.read()
     assert "the weights (model, head) of the 2 processes are identical" in log
     assert "Experiment finished" in log
+    # each process drew its own augmentations, and the checkpoint keeps every process's RNG states to resume them
+    states = torch.load(os.path.join(folder, "last_checkpoint.pth"), weights_only=False)["rng_states"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    # a single process can continue it, and says that its batches differ from the 2-process run's
+    run_script("train.py", *tiny_training_args(synthetic_dataset, tmp_path, "--batch_size", "4", "--epochs_num", "2",
+                                               "--resume_train", os.path.join(folder, "last_checkpoint.pth")))
+    with open(os.path.join(run_folders(tmp_path)[-1], "info.log")) as file:
+        log = file.read()
+    assert "written by a run of 2 processes, this one has 1" in log and "Experiment finished" in log
     # what rank 0 wrote loads in a single process, and evaluates
     model_args = parser.parse_arguments(is_training=False, argv=["--dataset_folder", synthetic_dataset,
                                                                  "--pretrained", "none"])
