@@ -55,14 +55,15 @@ def adjust_saturation(images, factors, out):
     return torch.lerp(grayscale_of(images), images, factors.view(-1, 1, 1, 1), out=out).clamp_(0, 1)
 
 
-HUE_PEAKS = (3.0, 5.0, 1.0)  # R, G, B: the hue (in sixths of a turn) away from which a channel is the maximum
+COMPLEMENT_HUES = (3.0, 5.0, 1.0)  # cyan, magenta, yellow (in sixths of a turn): where R, G, B are at their minimum
 
 
 def adjust_hue(images, factors, out):
     """Rotates the HSV hue by factors (in turns) without materialising HSV: hue h in sixths of a turn, then
-    channel c = min - chroma + chroma * clamp(d, 1, 2), d the circular distance from h to HUE_PEAKS[c] (the
-    piecewise-linear HSV-to-RGB map). Branch-free: float masks and lerp, floor-free circular distances, as
-    torch.where and remainder are 5-10x slower than plain arithmetic on the CPU; out may be images."""
+    channel c = min - chroma + chroma * clamp(d, 1, 2), d the circular distance from h to COMPLEMENT_HUES[c]
+    (the piecewise-linear HSV-to-RGB map). Branch-free: float masks and lerp, distances with round instead of
+    remainder, as torch.where and remainder are 5-10x slower than plain arithmetic on the CPU; out may be
+    images."""
     maximum, minimum = images.amax(dim=1), images.amin(dim=1)
     chroma = maximum - minimum
     red, green, blue = images.unbind(dim=1)
@@ -73,8 +74,8 @@ def adjust_hue(images, factors, out):
     hue = torch.lerp(hue, torch.sub(green, blue), is_red)
     hue.div_(chroma.clamp_min(torch.finfo(chroma.dtype).tiny)).add_(6 * factors.view(-1, 1, 1))  # grey: 0 / tiny
     base, distance, turns = minimum.sub_(chroma), is_red, is_green  # the masks' memory is reused
-    for channel, peak in enumerate(HUE_PEAKS):
-        torch.sub(hue, peak, out=distance)
+    for channel, complement in enumerate(COMPLEMENT_HUES):
+        torch.sub(hue, complement, out=distance)
         torch.mul(distance, 1 / 6, out=turns).round_()
         distance.add_(turns, alpha=-6).abs_().clamp_(1, 2)
         torch.addcmul(base, chroma, distance, out=out[:, channel])
