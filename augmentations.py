@@ -46,7 +46,8 @@ def adjust_brightness(images, factors, out):
 
 def adjust_contrast(images, factors, out):
     """Blends each image with the mean of its grayscale (the weighted mean of its channels' means)."""
-    mean = images.mean(dim=(2, 3)) @ torch.tensor(GRAY_WEIGHTS, device=images.device, dtype=images.dtype)
+    means = images.mean(dim=(2, 3))  # weighted with Python numbers: no weights tensor to copy to the device
+    mean = means[:, 0] * GRAY_WEIGHTS[0] + means[:, 1] * GRAY_WEIGHTS[1] + means[:, 2] * GRAY_WEIGHTS[2]
     return torch.lerp(mean.view(-1, 1, 1, 1), images, factors.view(-1, 1, 1, 1), out=out).clamp_(0, 1)
 
 

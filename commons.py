@@ -141,7 +141,7 @@ def get_rng_states():
     """This process's RNG states: Python, NumPy, torch's CPU one and, on CUDA, its current device's only (with
     DDP each process owns one GPU; reading the others' would create a CUDA context on each of them)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 

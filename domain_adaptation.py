@@ -13,10 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import test
-from datasets.image_loading import normalize
 from datasets.unlabeled_dataset import RandomBatchSampler, UnlabeledDataset
 
 
@@ -101,17 +99,15 @@ def adapt_batchnorm(model, folder, args):
         logging.warning(f"AdaBN (--adabn_folder {folder}): the model has no BatchNorm layer, nothing to adapt")
         return model
     dataset = UnlabeledDataset(folder, args.test_image_size)
-    batches = test.batches_by_size(dataset, range(len(dataset)), args.infer_batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                                         pin_memory=str(args.device).startswith("cuda"))
     was_training, momenta = model.training, [bn.momentum for bn in batchnorms]
     model.eval()
     for bn in batchnorms:
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    for images, _ in tqdm(loader, ncols=100, desc="AdaBN statistics", leave=False):
-        model(normalize(images.to(args.device, non_blocking=True)))
+    for images, _ in test.normalized_batches(dataset, args.device, args.infer_batch_size, args.num_workers,
+                                             description="AdaBN statistics"):
+        model(images)
     for bn, momentum in zip(batchnorms, momenta):
         bn.momentum = momentum
     model.train(was_training)

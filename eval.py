@@ -67,12 +67,12 @@ def main(argv=None):
         recalls, predictions, descriptors = test.test(args, test_ds, model, return_details=True)
         logging.info(f"{test_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
         name = commons.test_set_label(folder)
+        test_set_output_folder = os.path.join(output_folder, name.replace("/", "_"))
         if args.save_descriptors:
-            save_descriptors(test_ds, descriptors, predictions, os.path.join(output_folder, name.replace("/", "_")))
+            save_descriptors(test_ds, descriptors, predictions, test_set_output_folder)
         rows.append((name, recalls))
         results["test_sets"][folder] = {f"R@{n}": float(r) for n, r in zip(args.recall_values, recalls)}
-        preds_folder = os.path.join(output_folder, name.replace("/", "_"))
-        visualizations.save_predictions_report(predictions, test_ds, preds_folder, args.num_preds_to_save,
+        visualizations.save_predictions_report(predictions, test_ds, test_set_output_folder, args.num_preds_to_save,
                                                args.save_only_wrong_preds)
     table = results_table(rows, args.recall_values)
     logging.info("\n" + table)

@@ -39,18 +39,24 @@ def autocast_context(device, amp):
     return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
-@torch.inference_mode()
-def compute_descriptors(model, dataset, device, batch_size=16, num_workers=0, amp="none", channels_last=False,
-                        indices=None, description="descriptors"):
-    """Descriptors [len(dataset), D] (float32, numpy) of the items at indices (all by default)."""
+def normalized_batches(dataset, device, batch_size=16, num_workers=0, indices=None, description="images"):
+    """(ImageNet-normalised images on device, their indices) of the dataset's items at indices (all by
+    default), batched by size (batches_by_size), with a progress bar."""
     indices = list(range(len(dataset))) if indices is None else list(indices)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_by_size(dataset, indices, batch_size),
                                          num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
                                          collate_fn=collate_images)
+    for images, batch_indices in tqdm(loader, ncols=100, desc=description, leave=False):
+        yield normalize(images_to_device(images, dataset.image_size, device)), batch_indices
+
+
+@torch.inference_mode()
+def compute_descriptors(model, dataset, device, batch_size=16, num_workers=0, amp="none", channels_last=False,
+                        indices=None, description="descriptors"):
+    """Descriptors [len(dataset), D] (float32, numpy) of the items at indices (all by default)."""
     model = model.eval()
     descriptors = None
-    for images, batch_indices in tqdm(loader, ncols=100, desc=description, leave=False):
-        images = normalize(images_to_device(images, dataset.image_size, device))
+    for images, batch_indices in normalized_batches(dataset, device, batch_size, num_workers, indices, description):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
