@@ -11,6 +11,13 @@ from ssl_losses import SSL_LOSSES
 from test import FAISS_INDEXES
 
 
+# Named sets of defaults (--recipe): flags given on the command line win over them
+RECIPES = {
+    "cosplace": {},
+    "finetune": {"freeze_bn_stats": "all"},
+}
+
+
 def positive_int(value):
     number = int(value)
     if number < 1:
@@ -77,6 +84,19 @@ def build_parser(is_training=True):
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice: same seed, same run on CPU")
     group.add_argument("--checkpoint_every", type=non_negative_int, default=0,
                        help="also write last_checkpoint.pth every K iterations inside an epoch (0: only at epoch end)")
+    group.add_argument("--val_every", type=non_negative_int, default=0,
+                       help="also validate every N iterations (counted over the whole training), recorded in "
+                            "metrics.jsonl with the iteration and the images seen; best_model.pth is the best of all "
+                            "validations (0: only at the end of each epoch, as CosPlace)")
+    group.add_argument("--recipe", choices=list(RECIPES), default="cosplace",
+                       help="a named set of defaults: cosplace (the upstream recipe) or finetune (" +
+                            ", ".join(f"--{k} {v}" for k, v in RECIPES["finetune"].items()) +
+                            ": for a pretrained backbone, no recall dip in the first iterations); flags given "
+                            "explicitly win over the recipe's")
+    group.add_argument("--keep_last_checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep last_checkpoint.pth once the training has finished (model, heads and optimizer "
+                            "states: 3-4x the model's size); --no-keep_last_checkpoint deletes it at the end, "
+                            "best_model.pth stays")
     group.add_argument("--log_every", type=positive_int, default=100,
                        help="iterations between two reads of the loss (each read waits for the device)")
     # Model
@@ -95,6 +115,11 @@ def build_parser(is_training=True):
                             "VGG16: its 5 conv blocks; timm: the modules of its feature_info, e.g. ViT blocks); "
                             "default: CosPlace's, 2 for ResNets (layer3, layer4), 1 for VGG16 (its last 5 layers), "
                             "2 for timm models")
+    group.add_argument("--freeze_bn_stats", choices=["none", "frozen_stages", "all"], default="none",
+                       help="keep the BatchNorm running statistics of the backbone as loaded (the layers stay in eval "
+                            "mode; their weights still train where their stage does): none (CosPlace), only in the "
+                            "frozen stages, or in all layers. Small, heavily augmented batches otherwise drag "
+                            "pretrained statistics away, which costs recall in the first thousands of iterations")
     group.add_argument("--pretrained", type=str, default="imagenet",
                        help="backbone initialisation: 'imagenet' (downloaded once), 'none', or a path to a weights file")
     group.add_argument("--loss", choices=list(MARGIN_HEADS), default="cosface",
@@ -249,6 +274,8 @@ def check_arguments(parser, args, is_training):
 
 def parse_arguments(is_training=True, argv=None):
     parser = build_parser(is_training)
+    if is_training:  # the recipe's values become defaults, so that explicit flags still win
+        parser.set_defaults(**RECIPES[parser.parse_known_args(argv)[0].recipe])
     args = parser.parse_args(argv)
     check_arguments(parser, args, is_training)
     return args

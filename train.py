@@ -133,7 +133,7 @@ if world_size > 1:  # every module was initialised alike; from here each process
 
 #### Resume
 start_epoch_num, start_iteration, best_val_recall1 = 0, 0, 0.0
-epoch_losses, metrics_history = [], []
+epoch_losses, recorded_losses, metrics_history = [], 0, []  # recorded_losses: those already in a val record
 if args.resume_train:
     checkpoint = network.read_checkpoint(args.resume_train)
     if not isinstance(checkpoint, dict) or "classifiers_state_dict" not in checkpoint:
@@ -172,6 +172,7 @@ if args.resume_train:
         scaler.load_state_dict(checkpoint["scaler_state_dict"])
     start_epoch_num, start_iteration = checkpoint["epoch_num"], checkpoint["iteration"]
     best_val_recall1, epoch_losses = checkpoint["best_val_recall1"], checkpoint["epoch_losses"]
+    recorded_losses = checkpoint.get("recorded_losses", 0)
     metrics_history = checkpoint["metrics_history"]
     rng_states = checkpoint["rng_states"]  # one per process (a dict in the checkpoints of the first release)
     rng_states = [rng_states] if isinstance(rng_states, dict) else rng_states
@@ -213,7 +214,8 @@ def save_checkpoint(epoch_num, iteration):
         "auxiliary_optimizers_state_dict": [o.state_dict() for o in auxiliary_optimizers],
         "schedulers_state_dict": [s.state_dict() for s in schedulers],
         "scaler_state_dict": scaler.state_dict(), "rng_states": rng_states,
-        "epoch_losses": epoch_losses, "metrics_history": metrics_history, "args": vars(args),
+        "epoch_losses": epoch_losses, "recorded_losses": recorded_losses, "metrics_history": metrics_history,
+        "args": vars(args),
     }, os.path.join(output_folder, "last_checkpoint.pth"))
     logging.debug(f"Checkpoint saved: epoch {epoch_num}, iteration {iteration}")
 
@@ -268,8 +270,44 @@ class ModelWithHead(torch.nn.Module):
         return self.head(descriptors, targets), auxiliary_loss
 
 
+def validate(epoch_num, iterations_done):
+    """Val recalls of the current model (main process; the others receive them), a record in metrics_history
+    (written to metrics.jsonl here, or at the end of the epoch with the epoch's totals) and best_model.pth
+    when R@1 is the best of all validations so far."""
+    global best_val_recall1, recorded_losses
+    recalls = np.zeros(len(args.recall_values))
+    if is_main:
+        recalls = test.test(args, val_ds, model)
+        model.train()
+    if world_size > 1:
+        recalls_tensor = torch.tensor(recalls, device=args.device if args.device.startswith("cuda") else "cpu")
+        dist.broadcast(recalls_tensor, src=0)
+        recalls = recalls_tensor.cpu().numpy()
+    steps_done = epoch_num * args.iterations_per_epoch + iterations_done
+    recent_losses = epoch_losses[recorded_losses:]
+    recorded_losses = len(epoch_losses)
+    mean_loss = float(np.mean(recent_losses)) if recent_losses else None  # None: validated before any step
+    logging.info(f"Epoch {epoch_num:02d} iteration {iterations_done} ({steps_done} in all), loss = {mean_loss}, "
+                 f"{val_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
+    record = {"epoch": epoch_num, "iteration": iterations_done, "step": steps_done,
+              "images_seen": steps_done * args.batch_size * world_size, "group": epoch_num % args.groups_num,
+              "loss": mean_loss,
+              **{f"val_R@{n}": float(r) for n, r in zip(args.recall_values, recalls)},
+              "lr": model_optimizer.param_groups[0]["lr"],
+              "classifiers_lr": classifiers_optimizers[epoch_num % args.groups_num].param_groups[0]["lr"],
+              "elapsed_s": time.time() - start_time}
+    metrics_history.append(record)
+    if is_main and iterations_done < args.iterations_per_epoch:
+        commons.append_jsonl(record, metrics_path)
+    if recalls[0] > best_val_recall1 and is_main:  # before any checkpoint, which must never count on a best
+        commons.atomic_torch_save(model.state_dict(), os.path.join(output_folder, "best_model.pth"))  # not written
+    best_val_recall1 = max(recalls[0], best_val_recall1)
+
+
 #### Train / evaluation loop
 logging.info("Start training ...")
+if args.val_every and not args.resume_train:  # the curve starts at the model as initialised
+    validate(0, 0)
 compiled_model = torch.compile(model) if args.compile else model
 for epoch_num in range(start_epoch_num, args.epochs_num):
     epoch_start_time = time.time()
@@ -316,6 +354,9 @@ for epoch_num in range(start_epoch_num, args.epochs_num):
         if (iteration + 1) % args.log_every == 0:
             flush_losses(pending_losses)
             logging.debug(f"Epoch {epoch_num:02d} iteration {iteration + 1}: mean loss {np.mean(epoch_losses):.4f}")
+        if args.val_every and (step + 1) % args.val_every == 0 and iteration + 1 < args.iterations_per_epoch:
+            flush_losses(pending_losses)
+            validate(epoch_num, iteration + 1)
         if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0 \
                 and iteration + 1 < args.iterations_per_epoch:
             flush_losses(pending_losses)
@@ -329,35 +370,22 @@ for epoch_num in range(start_epoch_num, args.epochs_num):
     commons.move_optimizer_to_device(classifiers_optimizers[current_group_num], "cpu")
     train_time = time.time() - epoch_start_time
 
-    #### Evaluation (main process; the others wait and receive R@1)
-    recalls = np.zeros(len(args.recall_values))
-    if is_main:
-        recalls = test.test(args, val_ds, model)
-    if world_size > 1:
-        recalls_tensor = torch.tensor(recalls, device=args.device if args.device.startswith("cuda") else "cpu")
-        dist.broadcast(recalls_tensor, src=0)
-        recalls = recalls_tensor.cpu().numpy()
-    mean_loss = float(np.mean(epoch_losses))
-    logging.info(f"Epoch {epoch_num:02d} in {train_time:.0f} s, loss = {mean_loss:.4f}, "
-                 f"{val_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
-    is_best = recalls[0] > best_val_recall1
-    best_val_recall1 = max(recalls[0], best_val_recall1)
-    record = {"epoch": epoch_num, "group": current_group_num, "loss": mean_loss,
-              **{f"val_R@{n}": float(r) for n, r in zip(args.recall_values, recalls)},
-              "lr": model_optimizer.param_groups[0]["lr"],
-              "classifiers_lr": classifiers_optimizers[current_group_num].param_groups[0]["lr"],
-              "train_time_s": train_time, "epoch_time_s": time.time() - epoch_start_time}
-    metrics_history.append(record)
-    epoch_losses = []
-    for scheduler in schedulers:  # after the record: it logs the lr this epoch trained with
-        scheduler.step(recalls[0])
+    #### Evaluation at the end of the epoch
+    validate(epoch_num, args.iterations_per_epoch)
+    record = metrics_history[-1]
+    record.update({"epoch_loss": float(np.mean(epoch_losses)), "train_time_s": train_time,
+                   "epoch_time_s": time.time() - epoch_start_time})
     if is_main:
         commons.append_jsonl(record, metrics_path)
-        if is_best:  # before the checkpoint, which must never count on a best model not yet written
-            commons.atomic_torch_save(model.state_dict(), os.path.join(output_folder, "best_model.pth"))
+    epoch_losses, recorded_losses = [], 0
+    for scheduler in schedulers:  # after the record: it logs the lr this epoch trained with
+        scheduler.step(record[f"val_R@{args.recall_values[0]}"])
     save_checkpoint(epoch_num + 1, 0)
 
 logging.info(f"Trained for {args.epochs_num:02d} epochs, in total in {time.time() - start_time:.0f} s")
+if is_main and not args.keep_last_checkpoint:
+    os.remove(os.path.join(output_folder, "last_checkpoint.pth"))
+    logging.info("Removed last_checkpoint.pth: the training has finished (--no-keep_last_checkpoint)")
 
 #### Test the best model on the test set
 if is_main:

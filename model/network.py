@@ -1,5 +1,6 @@
 """The geo-localization network: backbone (feature map) + aggregation (L2-normalised global descriptor)."""
 
+import logging
 import os
 import pickle
 import zipfile
@@ -13,15 +14,24 @@ from model.backbones import get_backbone
 
 class GeoLocalizationNet(nn.Module):
     def __init__(self, backbone="resnet18", fc_output_dim=512, aggregator="gem", pretrained="imagenet",
-                 train_all_layers=False, trainable_stages=None, aggregator_options=None):
+                 train_all_layers=False, trainable_stages=None, aggregator_options=None, freeze_bn_stats="none"):
         super().__init__()
         self.backbone = get_backbone(backbone, pretrained, train_all_layers, trainable_stages)
+        self.frozen_batchnorms = frozen_batchnorms(self.backbone, freeze_bn_stats)
         self.aggregation = get_aggregator(aggregator, self.backbone.out_channels, fc_output_dim,
                                           **(aggregator_options or {}))
         self.fc_output_dim = fc_output_dim
 
     def forward(self, x):
         return self.aggregation(self.backbone(x))
+
+    def train(self, mode=True):
+        """As nn.Module.train, but the BatchNorm layers of --freeze_bn_stats stay in eval mode: they normalise
+        with, and keep, their running statistics (their weights still get gradients)."""
+        super().train(mode)
+        for batchnorm in self.frozen_batchnorms:
+            batchnorm.eval()
+        return self
 
     @torch.no_grad()
     def initialize_aggregation(self, images_batches):
@@ -33,10 +43,27 @@ class GeoLocalizationNet(nn.Module):
         self.train(was_training)
 
 
+def frozen_batchnorms(backbone, which):
+    """The backbone's BatchNorm layers whose running statistics stay fixed in training: none, those of the
+    frozen stages (no trainable parameter), or all."""
+    batchnorms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if which == "frozen_stages":
+        batchnorms = [bn for bn in batchnorms if not any(p.requires_grad for p in bn.parameters())]
+    elif which == "none":
+        batchnorms = []
+    if which != "none":
+        logging.info(f"BatchNorm statistics frozen (--freeze_bn_stats {which}) in {len(batchnorms)} layers")
+    return batchnorms
+
+
 def build_model(args):
-    """The model described by the parsed arguments (one place, so train/eval/geolocalize agree)."""
-    return GeoLocalizationNet(args.backbone, args.fc_output_dim, args.aggregator, args.pretrained,
-                              args.train_all_layers, args.trainable_stages, options_from_args(args.aggregator, args))
+    """The model described by the parsed arguments (one place, so train/eval/geolocalize agree). Weights that a
+    checkpoint (--resume_model, --resume_train) will replace are never fetched: that works offline."""
+    from_checkpoint = getattr(args, "resume_model", None) or getattr(args, "resume_train", None)
+    return GeoLocalizationNet(args.backbone, args.fc_output_dim, args.aggregator,
+                              "none" if from_checkpoint else args.pretrained,
+                              args.train_all_layers, args.trainable_stages, options_from_args(args.aggregator, args),
+                              getattr(args, "freeze_bn_stats", "none"))
 
 
 class CheckpointError(ValueError):
