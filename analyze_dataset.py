@@ -2,41 +2,49 @@
 
     python analyze_dataset.py --dataset_folder data/sf_xs --out analysis/sf_xs [--M 10 --alpha 30 --N 5 --L 2 ...]
 
-It takes train.py's flags, so a training command line with train.py replaced by analyze_dataset.py (and --out added)
-shows the classes of that training; only the class flags (--M, --alpha, --N, --L, --min_images_per_class,
---groups_num), the dataset folders, --positive_dist_threshold, --on_bad_name and --seed matter here. Splits that are
-absent (Tokyo-XS has only test/) are left out. Writes to --out: summary.md and summary.json (images per split,
+It takes train.py's class flags (--M, --alpha, --N, --L, --min_images_per_class, --groups_num, --groups_order) and
+dataset folders, so the classes it shows are those of a training with the same flags. Splits that are absent
+(Tokyo-XS has only test/) are left out. Writes to --out: summary.md and summary.json (images per split,
 classes and groups, images per class, capture dates, distance of each query to its nearest database image),
 images_per_class.png, headings.png, capture_dates.png, map.png, class_samples.jpg and query_neighbours.jpg.
 """
 
 import json
 import os
-import sys
 
 import numpy as np
 from matplotlib.figure import Figure  # the object API draws with Agg and touches no global pyplot state
-from sklearn.neighbors import NearestNeighbors
 
 import parser
-import visualizations
+from core.errors import exit_on_user_error
 from datasets.dataset_utils import DatasetError, find_images, find_queries_folder, parse_image_name, read_utms
-from datasets.train_dataset import compute_groups, get_class_id_and_group_id
 
 TILE = 128
 PAIRS_PER_ROW = 4
-SPLIT_COLORS = {"train": "tab:blue", "database": "tab:green", "queries": "tab:red"}
+# Map style of each split and role, in drawing order: train underneath, each database under its queries, which are
+# hollow or line markers, so a database image at a query's position stays visible
+MAP_STYLES = {
+    "train": {"color": "tab:gray", "marker": ".", "s": 8, "alpha": 0.4},
+    "val/database": {"color": "tab:green", "marker": "o", "s": 40, "alpha": 0.5},
+    "test/database": {"color": "tab:blue", "marker": "s", "s": 40, "alpha": 0.5},
+    "val/queries": {"color": "tab:orange", "marker": "x", "s": 30, "alpha": 0.9},
+    "test/queries": {"color": "tab:red", "marker": "+", "s": 50, "alpha": 0.9},
+}
+MAP_MARGIN = 0.04  # of the larger side of the data
+MAP_MIN_MARGIN_M = 10
 
 
 def build_parser():
-    arguments = parser.build_parser(is_training=True)
-    arguments.description = __doc__
+    arguments = parser.build_parser("analyze_dataset", __doc__)
     group = arguments.add_argument_group("Dataset analysis")
     group.add_argument("--out", type=str, required=True, help="folder of the report (created if needed)")
     group.add_argument("--sample_classes", type=parser.positive_int, default=8, help="classes shown in class_samples")
     group.add_argument("--samples_per_class", type=parser.positive_int, default=6, help="images per class shown")
     group.add_argument("--sample_queries", type=parser.positive_int, default=8,
                        help="queries of each test split shown next to their nearest database image")
+    group.add_argument("--positive_dist_threshold", type=parser.positive_float, default=25,
+                       help="a database image within this distance of a query is one of its positives, in metres")
+    group.add_argument("--seed", type=int, default=0, help="seed of the choice of the sample classes and queries")
     return arguments
 
 
@@ -52,8 +60,8 @@ def split_folders(args):
     return folders
 
 
-def read_split(paths, on_bad_name):
-    paths, utms, headings = read_utms(paths, on_bad_name)
+def read_split(paths, on_bad_name, need_heading=False):
+    paths, utms, headings = read_utms(paths, on_bad_name, need_heading=need_heading)
     return {"paths": paths, "utms": utms, "headings": headings, "dates": capture_dates(paths)}
 
 
@@ -72,23 +80,21 @@ def read_dataset(folders, on_bad_name):
     data = {}
     for split, folder in folders.items():
         if split == "train":
-            data["train"] = read_split(find_images(folder), on_bad_name)
+            data["train"] = read_split(find_images(folder), on_bad_name, need_heading=True)  # as training reads it
             continue
         data[f"{split}/database"] = read_split(find_images(os.path.join(folder, "database")), on_bad_name)
         data[f"{split}/queries"] = read_split(find_images(find_queries_folder(folder)), on_bad_name)
     return data
 
 
-def kind(split_key):
-    return split_key.split("/")[-1]
-
-
 def class_statistics(train, args):
     """The classes of the training split for the given CosPlace parameters, with compute_groups itself: all the
     classes (for the histogram) and the groups train.py will use (classes with enough images)."""
-    all_groups = compute_groups(train["paths"], train["utms"], train["headings"], args.M, args.alpha, args.N, args.L, 1)
+    from datasets.train_dataset import compute_groups  # imports torch: only once the flags are parsed (fast --help)
+    all_groups = compute_groups(train["paths"], train["utms"], train["headings"], args.M, args.alpha, args.N, args.L, 1,
+                                args.groups_order)
     groups = compute_groups(train["paths"], train["utms"], train["headings"], args.M, args.alpha, args.N, args.L,
-                            args.min_images_per_class)
+                            args.min_images_per_class, args.groups_order)
     all_sizes = [len(c) for g in all_groups for c in g]
     kept_sizes = [len(c) for g in groups for c in g]
     stats = {"M": args.M, "alpha": args.alpha, "N": args.N, "L": args.L,
@@ -106,6 +112,7 @@ def class_statistics(train, args):
 def nearest_database(data, split, threshold):
     """Distance of each query of a test split to its nearest database image, and that image's index."""
     database, queries = data[f"{split}/database"], data[f"{split}/queries"]
+    from sklearn.neighbors import NearestNeighbors  # a second to import: only once the flags are parsed
     distances, indices = NearestNeighbors(n_neighbors=1).fit(database["utms"]).kneighbors(queries["utms"])
     distances, indices = distances[:, 0], indices[:, 0]
     stats = {"queries": len(distances), "database": len(database["paths"]),
@@ -135,7 +142,8 @@ def plot_stacked_histogram(data, field, bins, xlabel, title, path):
     series = [(key, split[field][np.isfinite(split[field])]) for key, split in data.items()]
     series = [(key, values) for key, values in series if len(values)]
     if series:
-        axis.hist([values for _, values in series], bins=bins, stacked=True, label=[key for key, _ in series])
+        axis.hist([values for _, values in series], bins=bins, stacked=True, label=[key for key, _ in series],
+                  color=[MAP_STYLES[key]["color"] for key, _ in series])  # the colours of the map
         axis.legend()
     axis.set(xlabel=xlabel, ylabel="images", title=title)
     figure.tight_layout()
@@ -153,23 +161,43 @@ def date_bins(data):
     return np.arange(first, last + step / 2, step)
 
 
-def plot_map(data, path):
-    figure = Figure(figsize=(7, 7))
+def map_extent(data):
+    """(west, east, south, north) of all the positions, with a small margin."""
+    utms = np.concatenate([split["utms"] for split in data.values()])
+    low, high = utms.min(axis=0), utms.max(axis=0)
+    margin = max(MAP_MIN_MARGIN_M, MAP_MARGIN * (high - low).max())
+    return low[0] - margin, high[0] + margin, low[1] - margin, high[1] + margin
+
+
+def map_figure(data):
+    """Every split and role with its own colour and marker, at equal scale on both axes, the figure shaped like the
+    data (then trimmed by savefig), so the points fill it."""
+    west, east, south, north = map_extent(data)
+    width = 11 if north - south < east - west else 7
+    figure = Figure(figsize=(width, np.clip(width * (north - south) / (east - west), 3, 10)))
     axis = figure.subplots()
-    for key, split in data.items():
-        axis.scatter(split["utms"][:, 0], split["utms"][:, 1], s=2 if key == "train" else 6,
-                     label=f"{key} ({len(split['paths'])})", alpha=0.6, color=SPLIT_COLORS[kind(key)],
-                     marker="o" if kind(key) != "queries" else "x")
-    axis.set(xlabel="UTM east (m)", ylabel="UTM north (m)", title="Positions (train blue, database green, queries red)")
+    for zorder, (key, style) in enumerate(MAP_STYLES.items(), start=2):
+        if key in data:
+            utms = data[key]["utms"]
+            axis.scatter(utms[:, 0], utms[:, 1], label=f"{key} ({len(utms)})", zorder=zorder, linewidths=1.2,
+                         **style)
+    axis.set(xlim=(west, east), ylim=(south, north), xlabel="UTM east (m)", ylabel="UTM north (m)",
+             title="Positions of the images")
+    axis.set_aspect("equal", adjustable="box")
     axis.ticklabel_format(useOffset=False, style="plain")
-    axis.set_aspect("equal", adjustable="datalim")
-    axis.legend(markerscale=3, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, markerscale=1.5, frameon=False)
+    return figure
+
+
+def plot_map(data, path):
+    map_figure(data).savefig(path, dpi=100, bbox_inches="tight")
 
 
 def class_samples_image(groups, train, args):
     """Rows of a few images of randomly chosen classes, captioned with their class id (east, north, heading)."""
+    import visualizations  # imports torch: only once the flags are parsed (fast --help)
+    from datasets.train_dataset import get_class_id_and_group_id
     classes = [c for g in groups for c in g]
     rng = np.random.default_rng(args.seed)
     chosen = sorted(rng.choice(len(classes), min(args.sample_classes, len(classes)), replace=False))
@@ -189,6 +217,7 @@ def class_samples_image(groups, train, args):
 
 def query_neighbours_image(data, neighbours, args):
     """For each test split, some queries (evenly spread) next to their nearest database image by UTM."""
+    import visualizations  # imports torch: only once the flags are parsed (fast --help)
     pages = []
     for split, (distances, indices) in neighbours.items():
         queries, database = data[f"{split}/queries"], data[f"{split}/database"]
@@ -284,16 +313,12 @@ def analyze(args):
 
 
 def main(argv=None):
-    arguments = build_parser()
-    args = arguments.parse_args(argv)
-    try:
-        summary = analyze(args)
-    except DatasetError as e:
-        sys.exit(f"analyze_dataset.py: {e}")
+    args = parser.parse_arguments("analyze_dataset", argv, build_parser())
+    summary = analyze(args)
     print(markdown_summary(summary))
     print(f"Report written to {args.out}")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -6,29 +6,30 @@ resized crops written here for speed, kornia for the others).
 ColorJitter(0.7, 0.7, 0.7, 0.5) then RandomResizedCrop(image_size, scale=(0.5, 1)). The other augmentations'
 defaults follow torchvision's. Random parameters come from torch's global RNG: a fixed seed reproduces them.
 
-Preview (a PNG grid of training images, then the same images augmented):
-    python augmentations.py --dataset_folder D --out DIR --augmentations night random_perspective:0.3
+Preview (a row per augmentation of the list, then the whole chain): python visualizations.py --dataset_folder D
+--out DIR --augmentations night random_perspective:0.3
 """
 
 import math
-import os
 
 import kornia.augmentation as K
 import torch
-import torchvision
 from torch import nn
 
-import commons
-import parser
-from datasets.dataset_utils import find_images
-from datasets.image_loading import load_image_tensor, normalize
+from core.errors import UserError
+from datasets.normalization import normalize
+
+
+class AugmentationError(UserError, ValueError):
+    """An augmentation name or strength that does not exist."""
 
 
 def checked_strength(name, strength, default, low, high):
-    """The strength of an augmentation (default when not given), or a ValueError naming the valid range."""
+    """The strength of an augmentation (default when not given), or an AugmentationError naming the valid range."""
     strength = default if strength is None else strength
     if not low <= strength <= high:
-        raise ValueError(f"Augmentation {name}:{strength}: the strength must be in [{low}, {high}]")
+        raise AugmentationError(f"augmentation {name}:{strength}: the strength must be in [{low}, {high}] (e.g. "
+                                f"{name}:{default})")
     return strength
 
 
@@ -256,15 +257,23 @@ AUGMENTATIONS = {
 }
 
 
-def parse_augmentation(spec):
+def parse_augmentation(spec, flag="augmentations"):
     """'name' -> (name, None); 'name:0.3' -> (name, 0.3)."""
     name, _, strength = spec.partition(":")
     if name not in AUGMENTATIONS:
-        raise ValueError(f"Unknown augmentation {name}: choose among {sorted(AUGMENTATIONS)}")
+        raise AugmentationError(f"--{flag} {spec}: unknown augmentation {name}; choose among "
+                                f"{', '.join(AUGMENTATIONS)}")
     try:
         return name, (float(strength) if strength else None)
     except ValueError:
-        raise ValueError(f"Augmentation {spec}: the strength after ':' must be a number") from None
+        raise AugmentationError(f"--{flag} {spec}: the strength after ':' must be a number") from None
+
+
+def check_augmentation_specs(args, flag="augmentations"):
+    """Builds the augmentations of --flag once, so that a wrong name or strength stops the run before it starts."""
+    for spec in getattr(args, flag):
+        name, strength = parse_augmentation(spec, flag)
+        AUGMENTATIONS[name](strength, args)
 
 
 CPU_CHUNK_PIXELS = 2 ** 18  # one 512 px image, 16 of 128 px: see TrainAugmentation.in_chunks
@@ -304,31 +313,3 @@ class TrainAugmentation(nn.Module):
 
     def forward(self, images):
         return self.in_chunks(images, normalize)
-
-
-def main(argv=None):
-    """Saves OUT/augmentations.png: a row of training images, below it the same images augmented."""
-    cli = parser.build_parser(is_training=True)
-    cli.description = "Preview of the training augmentations: python augmentations.py --dataset_folder D --out DIR"
-    preview = cli.add_argument_group("Preview")
-    preview.add_argument("--out", type=str, required=True, help="folder where augmentations.png is written")
-    preview.add_argument("--num_images", type=parser.positive_int, default=8, help="training images in the grid")
-    args = cli.parse_args(argv)
-    parser.check_arguments(cli, args, is_training=True)
-    commons.make_deterministic(args.seed)
-    device = commons.resolve_device(args.device)
-    paths = find_images(args.train_set_folder)
-    paths = [paths[i * len(paths) // args.num_images] for i in range(min(args.num_images, len(paths)))]
-    originals = torch.stack([load_image_tensor(path, args.image_size) for path in paths]).to(device)
-    augmented = TrainAugmentation(args.augmentations, args).to(device).augment(originals)
-    grid = torchvision.utils.make_grid(torch.cat([originals.float() / 255, augmented]).cpu(), nrow=len(paths))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "augmentations.png")
-    torchvision.utils.save_image(grid, path)
-    print(f"Saved {path}: top row {len(paths)} images of {args.train_set_folder}, "
-          f"bottom row with {' '.join(args.augmentations)}")
-    return path
-
-
-if __name__ == "__main__":
-    main()

@@ -1,46 +1,21 @@
-"""Helpers shared by the scripts: logging, output folders, seeds and RNG states, atomic writes, devices."""
+"""Helpers shared by the training and evaluation scripts: logging, seeds and RNG states, devices, memory."""
 
 import ctypes
 import ctypes.util
-import json
 import logging
 import os
 import random
-import shutil
-import subprocess
 import sys
-import tempfile
 import traceback
-from datetime import datetime
 
 import numpy as np
 import torch
 
-PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
-UMASK = os.umask(0o022)  # read once at import (os.umask has no getter), then restored
-os.umask(UMASK)
-NEW_FILE_MODE = 0o666 & ~UMASK  # the permissions open() would give a new file
+from core.errors import UserError, user_error_message
 
 
-def make_unique_folder(parent, name):
-    """Creates parent/name, or parent/name_1, _2... if it exists: two runs started in the same second never
-    share (or overwrite) a folder. os.makedirs(exist_ok=False) is atomic, so concurrent runs cannot race."""
-    os.makedirs(parent, exist_ok=True)
-    candidate, suffix = os.path.join(parent, name), 0
-    while True:
-        try:
-            os.makedirs(candidate)
-            return candidate
-        except FileExistsError:
-            suffix += 1
-            candidate = os.path.join(parent, f"{name}_{suffix}")
-
-
-def make_output_folder(save_dir, logs_root="logs"):
-    return make_unique_folder(os.path.join(logs_root, save_dir), datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-
-
-def setup_logging(output_folder, console="info", info_filename="info.log", debug_filename="debug.log"):
+def setup_logging(output_folder, console="info", info_filename="info.log", debug_filename="debug.log",
+                  interrupt_message=None):
     """Logs to output_folder/info.log (info and above), debug.log (everything) and the console.
     Files are opened in append mode: nothing a user has is ever overwritten."""
     os.makedirs(output_folder, exist_ok=True)
@@ -62,55 +37,24 @@ def setup_logging(output_folder, console="info", info_filename="info.log", debug
         handler.setFormatter(formatter)
         handler.addFilter(lambda record: not getattr(record, "file_only", False))
         root.addHandler(handler)
-    for noisy in ("PIL", "matplotlib", "urllib3", "timm", "httpx", "huggingface_hub"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "timm", "httpx", "huggingface_hub", "filelock", "torch._dynamo",
+                  "torch._inductor", "torch.fx", "torch._subclasses"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def log_exception(exc_type, value, tb):
-        """A bug shows its traceback; an error the user can fix shows one clear line (exit code 1), its
-        traceback only goes to debug.log."""
+        """A bug shows its traceback; an error the user can fix shows one clear line (exit code 1), and Ctrl-C
+        one line from interrupt_message() (e.g. how to resume); their tracebacks only go to debug.log."""
         full_traceback = "".join(traceback.format_exception(exc_type, value, tb))
         message = user_error_message(value)
+        if isinstance(value, KeyboardInterrupt):
+            message = interrupt_message() if interrupt_message else "interrupted (Ctrl-C)"
         if message is None:
             logging.error(full_traceback)
-        else:
-            logging.debug(full_traceback, extra={"file_only": True})
-            details = f" (traceback in {os.path.join(output_folder, debug_filename)})" if debug_filename else ""
-            logging.error(f"ERROR: {message}{details}")
+            return
+        logging.debug(full_traceback, extra={"file_only": True})
+        details = f" (traceback in {os.path.join(output_folder, debug_filename)})" if debug_filename else ""
+        logging.error(f"{'INTERRUPTED' if isinstance(value, KeyboardInterrupt) else 'ERROR'}: {message}{details}")
     sys.excepthook = log_exception
-
-
-def user_error_message(exception):
-    """The message of an error the user can fix (dataset, image, checkpoint or weights file, diverged loss),
-    None for anything else. An exception raised in a DataLoader worker comes back with the worker's traceback
-    in its message, ending with the line "module.Class: original message": only the message is kept."""
-    from datasets.dataset_utils import DatasetError  # late imports: no cycle if these modules ever use commons
-    from datasets.image_loading import ImageLoadError
-    from model.backbones import PretrainedWeightsUnavailable
-    from model.network import CheckpointError
-    if not isinstance(exception, (DatasetError, ImageLoadError, CheckpointError, PretrainedWeightsUnavailable,
-                                  FloatingPointError)):
-        return None
-    message = str(exception)
-    if "\nOriginal Traceback" in message:
-        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return message
-
-
-def git_commit():
-    """The project's git commit (with '-dirty' when there are uncommitted changes), or 'unknown'."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (commit + ("-dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def test_set_label(folder):
-    """'sf_xs/val' for .../sf_xs/val: a test set's dataset and split, unique where its basename is not."""
-    return "/".join(os.path.normpath(os.path.abspath(folder)).split(os.sep)[-2:])
 
 
 def make_deterministic(seed=0):
@@ -155,56 +99,19 @@ def set_rng_states(states):
         torch.cuda.set_rng_state(cuda_state[0] if isinstance(cuda_state, list) else cuda_state)
 
 
-def atomic_write(path, write_function, mode="wb"):
-    """Writes through a temporary file in the same folder, then renames it over path: a kill at any moment
-    leaves either the previous file or the new one, never a truncated one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    file_descriptor, temporary_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.chmod(temporary_path, NEW_FILE_MODE)  # mkstemp's 0600 would hide results from other users
-        with os.fdopen(file_descriptor, mode) as file:
-            write_function(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary_path, path)
-    except BaseException:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-        raise
-    directory_descriptor = os.open(folder, os.O_RDONLY)
-    try:  # the rename itself survives a power cut only once the folder is synced
-        os.fsync(directory_descriptor)
-    finally:
-        os.close(directory_descriptor)
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda file: torch.save(obj, file))
-
-
-def atomic_json_dump(obj, path):
-    atomic_write(path, lambda file: json.dump(obj, file, indent=2, default=str), mode="w")
-
-
-def atomic_copy(source, destination):
-    with open(source, "rb") as source_file:
-        atomic_write(destination, lambda file: shutil.copyfileobj(source_file, file))
-
-
-def append_jsonl(record, path):
-    """One JSON object per line; appending a line is safe for logs that must never be overwritten."""
-    with open(path, "a") as file:
-        file.write(json.dumps(record, default=float) + "\n")
-
-
 def resolve_device(device):
     """'auto' -> 'cuda' when available, else 'cpu'; an explicit 'cuda' without a GPU is a clear error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was requested but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
+        raise UserError(f"--device {device} was requested but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
     return device
+
+
+def move_with_optimizer(module, optimizer, device):
+    """module and the state of its optimizer moved to device (a head trains on the GPU only in its group's epochs)."""
+    move_optimizer_to_device(optimizer, device)
+    return module.to(device)
 
 
 def move_optimizer_to_device(optimizer, device):
@@ -212,3 +119,105 @@ def move_optimizer_to_device(optimizer, device):
         for key, value in state.items():
             if torch.is_tensor(value):
                 state[key] = value.to(device)
+
+
+def warn_ineffective_flags(args):
+    """Says once which flags given have no effect on this device, instead of ignoring them silently."""
+    on_cpu = not args.device.startswith("cuda")
+    ineffective = [f"--{flag} {getattr(args, flag)}" for flag in ("amp", "eval_amp")
+                   if on_cpu and getattr(args, flag, "none") != "none"]
+    ineffective += ["--decode_on_gpu"] if on_cpu and getattr(args, "decode_on_gpu", False) else []
+    if ineffective:
+        logging.warning(f"{', '.join(ineffective)}: no effect on the CPU (it runs in fp32, decoding on the CPU)")
+
+
+class PendingLosses:
+    """The loss terms of each iteration, kept on the device and read in one go (each read waits for the device)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, **terms):
+        self.pending.append({name: value.detach() for name, value in terms.items() if value is not None})
+
+    def read(self):
+        """The terms of the iterations since the last read, as floats: a list of {name: value}."""
+        if not self.pending:
+            return []
+        names = [list(terms) for terms in self.pending]
+        values = torch.stack([value.float() for terms in self.pending for value in terms.values()]).cpu().tolist()
+        self.pending.clear()
+        read, position = [], 0
+        for keys in names:
+            read.append(dict(zip(keys, values[position:position + len(keys)])))
+            position += len(keys)
+        return read
+
+
+def mean_terms(records):
+    """{name: mean over the records that have it} of a list of {name: value}."""
+    names = dict.fromkeys(name for record in records for name in record)
+    return {name: float(np.mean([record[name] for record in records if name in record])) for name in names}
+
+
+def check_replicas_in_sync(modules, world_size, epoch_num):
+    """DDP keeps the processes' weights equal by averaging their gradients before each (identical) optimizer
+    step. Checked once per epoch on checksums of every weight, so that a module trained outside DDP stops
+    the run instead of silently training different models."""
+    import torch.distributed as dist
+    checksums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                             for module in modules for p in module.parameters()])
+    gathered = [torch.empty_like(checksums) for _ in range(world_size)]
+    dist.all_gather(gathered, checksums)
+    if not all(torch.allclose(other, checksums, rtol=1e-6, atol=1e-9) for other in gathered):
+        raise RuntimeError(f"Epoch {epoch_num}: the weights of the {world_size} DDP processes differ")
+    logging.info(f"Epoch {epoch_num:02d}: the weights (model, head) of the {world_size} processes are identical")
+
+
+def setup_distributed(args):
+    """(world_size, rank) of this process: DDP through torchrun (one process per GPU, NCCL, or gloo on the CPU),
+    else (1, 0). Sets args.device to the process's GPU, or resolves --device auto."""
+    import torch.distributed as dist
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world_size > 1:
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    args.device = resolve_device(args.device)
+    return world_size, rank
+
+
+def log_arguments(args, output_folder):
+    """The command, every flag, where the outputs go, and what was not given as such: the seed drawn for --seed -1,
+    the flags read beside --resume_model, the recipe in force, the flags with no effect on this device."""
+    logging.info(" ".join(sys.argv))
+    logging.info(f"Arguments: {args}")
+    logging.info(f"The outputs are being saved in {output_folder}")
+    if getattr(args, "seed_drawn", False):
+        logging.info(f"--seed -1: drew the seed {args.seed} (pass --seed {args.seed} to repeat this run)")
+    for flag, value in args.flags_from_checkpoint.items():
+        logging.info(f"--{flag} {value}: taken from the args.json beside --resume_model {args.resume_model}")
+    if hasattr(args, "recipe"):
+        logging.info(f"Recipe {args.recipe}: BatchNorm statistics frozen: {args.freeze_bn_stats}")
+    warn_ineffective_flags(args)
+
+
+def resume_hint(checkpoint_path, argv=None):
+    """What Ctrl-C prints: the last good checkpoint and the command that continues from it."""
+    if not os.path.exists(checkpoint_path):
+        return f"no checkpoint was written yet ({checkpoint_path}): start the run again"
+    argv = sys.argv if argv is None else argv
+    flags = [a for i, a in enumerate(argv) if "--resume_train" not in (a, argv[i - 1] if i else "")]
+    return (f"the last good checkpoint is {checkpoint_path}; continue with: python {' '.join(flags)} "
+            f"--resume_train {checkpoint_path}")
+
+
+def computed_on_main(compute, world_size=1, is_main=True):
+    """compute() run by the main process only (a file it writes, a validation), its result sent to every process."""
+    result = [compute() if is_main else None]
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.broadcast_object_list(result, src=0)
+    return result[0]

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import test
-from datasets.unlabeled_dataset import RandomBatchSampler, UnlabeledDataset
+from datasets.image_loading import normalized_batches
 
 
 class GradientReversal(torch.autograd.Function):
@@ -50,66 +49,84 @@ class DANN(nn.Module):
     """An auxiliary loss of train.py: weight * binary cross-entropy of the domain classifier on the batch's
     descriptors (domain 0) and those of a batch of target images (domain 1), seen through the gradient
     reversal layer. The target images go through the training augmentation, as the source images do, so the
-    augmentation is no cue of the domain."""
+    augmentation is no cue of the domain. make_target_batches(start_step, device) gives the stream of uint8
+    target batches from training step start_step on (the caller owns the dataset and its loader)."""
 
-    def __init__(self, target_folder, weight, augmentation, descriptors_dim, image_size, batch_size,
-                 total_steps, seed=0, rank=0, num_workers=0):
+    def __init__(self, weight, augmentation, descriptors_dim, total_steps, make_target_batches):
         super().__init__()
         self.domain_classifier = DomainClassifier(descriptors_dim)
-        self.target_dataset = UnlabeledDataset(target_folder, image_size)
         self.weight, self.augmentation, self.total_steps = weight, augmentation, total_steps
-        self.batch_size, self.seed, self.rank, self.num_workers = batch_size, seed, rank, num_workers
+        self.make_target_batches = make_target_batches
         self.lambda_ = 0.0
         self.target_batches = None
+        self.domain_accuracy = None  # of the last batch, a 0-dim tensor on the device (logged apart)
 
     def extra_images(self, images, step):
         """The augmented target batch of training step `step` (counted over the whole training); also sets
         the reversal strength from the training progress."""
         self.lambda_ = dann_lambda(step / self.total_steps)
         if self.target_batches is None:  # made at the first step of this process (a resumed run's first)
-            sampler = RandomBatchSampler(len(self.target_dataset), self.batch_size, self.seed, step, self.rank)
-            self.target_batches = iter(torch.utils.data.DataLoader(
-                self.target_dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                pin_memory=images.device.type == "cuda"))
+            self.target_batches = self.make_target_batches(step, images.device)
         target_images, _ = next(self.target_batches)
         return self.augmentation(target_images.to(images.device, non_blocking=True))
 
+    def logged_terms(self, value):
+        """The terms of this loss logged apart (metrics.jsonl, info.log): its value and the domain accuracy."""
+        return {"dann_loss": value, "dann_domain_accuracy": self.domain_accuracy}
+
     def forward(self, descriptors, target_descriptors, labels):
         features = GradientReversal.apply(torch.cat([descriptors, target_descriptors]).float(), self.lambda_)
-        domains = torch.cat([torch.zeros(len(descriptors)), torch.ones(len(target_descriptors))])
+        domains = torch.cat([torch.zeros(len(descriptors)), torch.ones(len(target_descriptors))]).to(features.device)
         logits = self.domain_classifier(features).squeeze(1).float()
-        return self.weight * F.binary_cross_entropy_with_logits(logits, domains.to(logits.device))
+        self.domain_accuracy = ((logits > 0).float() == domains).float().mean().detach()
+        return self.weight * F.binary_cross_entropy_with_logits(logits, domains)
 
 
-def build_dann(args, augmentation, descriptors_dim, rank=0):
+def build_dann(args, augmentation, descriptors_dim, make_target_batches):
     """The DANN auxiliary loss towards --da_target_folder, or None without it."""
     if args.da_target_folder is None:
         return None
-    return DANN(args.da_target_folder, args.da_weight, augmentation, descriptors_dim, args.image_size,
-                args.batch_size, args.epochs_num * args.iterations_per_epoch, args.seed, rank, args.num_workers)
+    return DANN(args.da_weight, augmentation, descriptors_dim, args.epochs_num * args.iterations_per_epoch,
+                make_target_batches)
 
 
 @torch.no_grad()
-def adapt_batchnorm(model, folder, args):
-    """AdaBN: replaces the running statistics of every BatchNorm layer by their cumulative average (momentum
-    None: every batch weighs the same) over the images of folder, resized as the test images
-    (--test_image_size). Only the BatchNorm layers are put in train mode; the weights do not change."""
+def adapt_batchnorm(model, dataset, device, batch_size=16, num_workers=0):
+    """AdaBN: replaces the running statistics of every BatchNorm layer by the mean and (unbiased) variance of its
+    inputs over all the images of dataset (an ImageListDataset of the target domain, resized as the test images),
+    in one pass in which the BatchNorm layers
+    normalise with the batch statistics (as in training). The sums are accumulated exactly over every image, so
+    the first layer gets the population statistics of the folder, whatever the batches (an average of per-batch
+    variances would miss the spread between batches). The weights do not change."""
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not batchnorms:
-        logging.warning(f"AdaBN (--adabn_folder {folder}): the model has no BatchNorm layer, nothing to adapt")
+        logging.warning(f"AdaBN ({dataset}): the model has no BatchNorm layer, nothing to adapt")
         return model
-    dataset = UnlabeledDataset(folder, args.test_image_size)
-    was_training, momenta = model.training, [bn.momentum for bn in batchnorms]
+    sums = {bn: [0, 0, 0] for bn in batchnorms}  # count, sum, sum of squares of each channel (float64)
+
+    def accumulate(bn, inputs):
+        values = inputs[0].detach().double().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+        sums[bn][0] += values.shape[1]
+        sums[bn][1] += values.sum(dim=1)
+        sums[bn][2] += values.square().sum(dim=1)
+
+    was_training = model.training
     model.eval()
+    hooks = [bn.register_forward_pre_hook(accumulate) for bn in batchnorms]
     for bn in batchnorms:
-        bn.reset_running_stats()
-        bn.momentum = None
         bn.train()
-    for images, _ in test.normalized_batches(dataset, args.device, args.infer_batch_size, args.num_workers,
-                                             description="AdaBN statistics"):
-        model(images)
-    for bn, momentum in zip(batchnorms, momenta):
-        bn.momentum = momentum
-    model.train(was_training)
+    try:
+        for images, _ in normalized_batches(dataset, device, batch_size, num_workers, description="AdaBN statistics"):
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for bn, (count, total, total_of_squares) in sums.items():
+        if count < 2:
+            raise ValueError(f"AdaBN: {dataset} gave {count} values to a BatchNorm layer: use more images")
+        mean = total / count
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_((total_of_squares / count - mean.square()).clamp_(min=0) * count / (count - 1))
     logging.info(f"AdaBN: recomputed the statistics of {len(batchnorms)} BatchNorm layers on {dataset}")
     return model

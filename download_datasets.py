@@ -16,17 +16,16 @@ queries/ with images) before the dataset is moved into place and marked complete
 skipped, and an interrupted run leaves nothing half-made at the destination, so running the command again is safe.
 """
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tarfile
 import urllib.request
 import zipfile
 
 import parser
+from core.errors import UserError, exit_on_user_error
 from datasets.dataset_utils import DatasetError, find_images, find_queries_folder
 
 DATASETS = {
@@ -37,7 +36,7 @@ DATASETS = {
 COMPLETE_MARKER = ".download_complete.json"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download, archive or layout problem, with what to do about it."""
 
 
@@ -177,7 +176,7 @@ def prepare(name, out_folder, url=None, archive=None, sha256=None, keep_archive=
 
 
 def main(argv=None):
-    arguments = argparse.ArgumentParser(description=__doc__, formatter_class=parser.HelpFormatter)
+    arguments = parser.ArgumentParser(description=__doc__)
     arguments.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS),
                            help="datasets to prepare")
     arguments.add_argument("--out", default="data", help="folder that receives one folder per dataset")
@@ -189,16 +188,12 @@ def main(argv=None):
                            help="expected sha256 of NAME's archive")
     arguments.add_argument("--keep_archives", action="store_true", help="keep the downloaded archives once extracted")
     args = arguments.parse_args(argv)
-    try:
-        urls, archives = assignments(args.url, "--url"), assignments(args.archive, "--archive")
-        checksums = assignments(args.sha256, "--sha256")
-        for name in args.datasets:
-            outcome = prepare(name, args.out, urls.get(name), archives.get(name), checksums.get(name),
-                              args.keep_archives)
-            print(f"{name}: {outcome} -> {os.path.join(args.out, name)}")
-    except DownloadError as e:
-        sys.exit(f"download_datasets.py: {e}")
+    urls, archives = assignments(args.url, "--url"), assignments(args.archive, "--archive")
+    checksums = assignments(args.sha256, "--sha256")
+    for name in args.datasets:
+        outcome = prepare(name, args.out, urls.get(name), archives.get(name), checksums.get(name), args.keep_archives)
+        print(f"{name}: {outcome} -> {os.path.join(args.out, name)}")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

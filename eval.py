@@ -1,22 +1,20 @@
 """Evaluates a trained model on one or more test sets and prints recall@N.
 
     python eval.py --resume_model logs/default/<run>/best_model.pth --test_set_folder sf_xs/val sf_xs/test tokyo_xs/test
+
+The architecture flags (--backbone, --aggregator and its options, --fc_output_dim) are read from the args.json
+beside the checkpoint; no pretrained weights are fetched. Writes, in logs/<save_dir>/<timestamp>/: args.json,
+results.json (every recall with the model's path and hash and every setting that changes a recall) and, per test
+set, predictions.csv (and pictures with --num_preds_to_save N).
 """
 
-import logging
+import hashlib
 import os
 import sys
 
-import numpy as np
-
-import commons
-import domain_adaptation
 import parser
-import test
-import visualizations
-from datasets.image_check import make_image_check
-from datasets.test_dataset import TestDataset
-from model import network
+from core import files
+from core.errors import exit_on_user_error
 
 
 def results_table(rows, recall_values):
@@ -28,57 +26,86 @@ def results_table(rows, recall_values):
     return "\n".join(lines)
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_descriptors(dataset, descriptors, predictions, folder):
     """descriptors.npz: database/queries descriptors, their paths and UTMs, and the kNN predictions, so
     results can be re-checked or re-ranked without the model."""
-    commons.atomic_write(os.path.join(folder, "descriptors.npz"), lambda file: np.savez(
+    import numpy as np
+    files.atomic_write(os.path.join(folder, "descriptors.npz"), lambda file: np.savez(
         file, database_descriptors=descriptors[:dataset.database_num],
         queries_descriptors=descriptors[dataset.database_num:], database_paths=np.array(dataset.database_paths),
         queries_paths=np.array(dataset.queries_paths), database_utms=dataset.database_utms,
         queries_utms=dataset.queries_utms, predictions=predictions))
 
 
-def main(argv=None):
-    args = parser.parse_arguments(is_training=False, argv=argv)
-    args.device = commons.resolve_device(args.device)
-    output_folder = commons.make_output_folder(args.save_dir, args.logs_root)
-    commons.setup_logging(output_folder, console="info")
-    logging.info(" ".join(sys.argv))
-    logging.info(f"Arguments: {args}")
-    logging.info(f"The outputs are being saved in {output_folder}")
+def evaluate(args):
+    """Evaluates the model of args on every --test_set_folder; returns the content of results.json."""
+    import logging  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
 
+    import checkpoints
+    import commons
+    import domain_adaptation
+    import test
+    import visualizations
+    from datasets.image_check import make_image_check
+    from datasets.test_dataset import TestDataset
+    from datasets.unlabeled_dataset import UnlabeledDataset
+    from model import network
+
+    args.device = commons.resolve_device(args.device)
+    output_folder = files.make_output_folder(args.save_dir, args.logs_root)
+    commons.setup_logging(output_folder, console="info")
+    files.atomic_json_dump({**vars(args), "git_commit": files.git_commit(), "command": " ".join(sys.argv)},
+                           os.path.join(output_folder, "args.json"))
+    commons.log_arguments(args, output_folder)
     commons.make_deterministic(args.seed)  # without --resume_model, the same initialisation as train.py's
     commons.reuse_freed_memory()
     model = network.build_model(args)
     if args.resume_model is not None:
         logging.info(f"Loading model from {args.resume_model}")
-        network.load_model_weights(model, args.resume_model)
+        checkpoints.load_model_weights(model, args.resume_model)
     else:
-        logging.info("WARNING: no --resume_model given, evaluating the model at its initialisation")
+        logging.warning("No --resume_model given: evaluating the model at its initialisation")
     model = model.to(args.device)
     if args.adabn_folder:
-        domain_adaptation.adapt_batchnorm(model, args.adabn_folder, args)
-
-    rows, results = [], {"model": args.resume_model, "git_commit": commons.git_commit(), "test_sets": {}}
+        domain_adaptation.adapt_batchnorm(model, UnlabeledDataset(args.adabn_folder, args.test_image_size,
+                                                                  args.test_resize),
+                                          args.device, args.infer_batch_size, args.num_workers)
+    results = {"model": args.resume_model and os.path.abspath(args.resume_model),
+               "model_sha256": args.resume_model and file_sha256(args.resume_model),
+               "git_commit": files.git_commit(), "settings": test.evaluation_settings(args), "test_sets": {}}
+    rows = []
     for folder in args.test_set_folder:
         test_ds = TestDataset(folder, args.positive_dist_threshold, args.test_image_size, args.on_bad_name,
-                              make_image_check(args, test_set=True), args.decode_on_gpu)
+                              make_image_check(args, test_set=True), args.decode_on_gpu, args.test_resize)
         logging.info(f"Testing on {test_ds}")
         recalls, predictions, descriptors = test.test(args, test_ds, model, return_details=True)
         logging.info(f"{test_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
-        name = commons.test_set_label(folder)
+        name = files.test_set_label(folder)
         test_set_output_folder = os.path.join(output_folder, name.replace("/", "_"))
         if args.save_descriptors:
             save_descriptors(test_ds, descriptors, predictions, test_set_output_folder)
         rows.append((name, recalls))
         results["test_sets"][folder] = {f"R@{n}": float(r) for n, r in zip(args.recall_values, recalls)}
-        visualizations.save_predictions_report(predictions, test_ds, test_set_output_folder, args.num_preds_to_save,
-                                               args.save_only_wrong_preds)
-    table = results_table(rows, args.recall_values)
-    logging.info("\n" + table)
-    commons.atomic_json_dump(results, os.path.join(output_folder, "results.json"))
+        visualizations.save_predictions_report(
+            predictions, test_ds, test_set_output_folder, args.num_preds_to_save, args.save_only_wrong_preds,
+            title=test.results_title(test_ds, args.resume_model, recalls, args.recall_values))
+    logging.info("\n" + results_table(rows, args.recall_values))
+    files.atomic_json_dump(results, os.path.join(output_folder, "results.json"))
     return results
 
 
+def main(argv=None):
+    args = parser.parse_arguments("eval", argv, parser.build_parser("eval", __doc__))
+    return evaluate(args)
+
+
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -3,9 +3,9 @@
     python geolocalize.py --resume_model logs/<run>/best_model.pth --database_folder data/sf_xs/test/database \\
         photo.jpg [more photos] [--top_k 5 --out geolocalized]
 
-It takes eval.py's flags: give the model flags of the training that made the model (--backbone, --aggregator,
---fc_output_dim, ...), and optionally --test_image_size (photos and database images are used at their own size
-otherwise; large phone photos are slow on a CPU), --infer_batch_size, --device, --amp, --faiss_index. Database
+The architecture flags (--backbone, --aggregator, --fc_output_dim, ...) are read from the args.json beside the
+checkpoint. Optionally --test_image_size (photos and database images are used at their own size otherwise; large
+phone photos are slow on a CPU), --infer_batch_size, --device, --eval_amp, --faiss_index. Database
 images must be named in the '@' format (UTM in fields 1/2; latitude/longitude in fields 5/6, or UTM zone/letter in
 fields 3/4). The database descriptors are computed once and cached in --descriptors_cache (here 'cache' by default),
 keyed by the model's weights, the database files (names, sizes, modification times) and the flags that change
@@ -19,30 +19,30 @@ own name carries its position, also the error of the estimate. It writes <out>/<
 
 import logging
 import os
-import sys
 
 import numpy as np
 import utm
 
-import commons
 import parser
-import test
-import visualizations
-from datasets.dataset_utils import DatasetError, find_images, parse_image_name, read_utms
-from datasets.image_loading import ImageListDataset, ImageLoadError
-from model import network
+from core import files
+from core.errors import exit_on_user_error
+from datasets.dataset_utils import DatasetError, parse_image_name
 
 
 def build_parser():
-    arguments = parser.build_parser(is_training=False)
-    arguments.description = __doc__
+    arguments = parser.build_parser("geolocalize", __doc__)
     arguments.set_defaults(pretrained="none", descriptors_cache="cache")  # weights from --resume_model
     group = arguments.add_argument_group("Geo-localization of photos")
     group.add_argument("photos", nargs="+", help="the photos to geo-localize")
     group.add_argument("--database_folder", type=str, required=True,
                        help="folder of geo-tagged database images ('@' names), searched recursively")
     group.add_argument("--top_k", type=parser.positive_int, default=5, help="database images shown for each photo")
+    group.add_argument("--positive_dist_threshold", type=parser.positive_float, default=25,
+                       help="a top-k image within this distance of the photo's true position (when its name gives "
+                            "it) is framed green")
     group.add_argument("--out", type=str, default="geolocalized", help="folder of the pictures and geolocalize.json")
+    group.add_argument("--on_bad_name", choices=["error", "skip"], default="error",
+                       help="database file names not in the '@' format: stop, or skip them with a count")
     return arguments
 
 
@@ -97,6 +97,7 @@ def geolocalize_photo(photo, predictions, database_paths, database_utms, args):
 def save_picture(result, args, name):
     """<out>/<name>: the photo next to its top-k, captioned with their distance from the photo (when known) or from
     the top-1."""
+    import visualizations  # draws with PIL and imports torch: only once the flags are parsed
     tiles = [visualizations.tile(result["photo"], "photo", visualizations.GREY)]
     for item in result["top_k"]:
         if "distance_from_photo_m" in result["top_k"][0]:
@@ -125,17 +126,26 @@ def report(result):
 
 def geolocalize(args):
     """Returns one result per photo (see geolocalize_photo) and writes the pictures and geolocalize.json."""
+    import checkpoints  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
+    import faiss_indexes
+    import test
+    from datasets.dataset_utils import find_images, read_utms
+    from datasets.image_loading import ImageListDataset
+    from model import network
     database_paths, database_utms, _ = read_utms(find_images(args.database_folder), args.on_bad_name)
     model = network.build_model(args)
-    network.load_model_weights(model, args.resume_model)
+    checkpoints.load_model_weights(model, args.resume_model)
     model = model.to(args.device)
     database = ImageListDataset(database_paths, args.test_image_size, args.decode_on_gpu,
-                                name=os.path.basename(os.path.normpath(args.database_folder)))
+                                name=os.path.basename(os.path.normpath(args.database_folder)),
+                                test_resize=args.test_resize)
     descriptors = test.dataset_descriptors(args, database, model)
-    photos = ImageListDataset(args.photos, args.test_image_size, args.decode_on_gpu, name="photos")
+    photos = ImageListDataset(args.photos, args.test_image_size, args.decode_on_gpu, name="photos",
+                              test_resize=args.test_resize)
     photos_descriptors = test.compute_descriptors(model, photos, args.device, args.infer_batch_size, args.num_workers,
-                                                  args.amp, args.channels_last, description="photos descriptors")
-    predictions = test.knn_search(descriptors, photos_descriptors, args.top_k, **test.index_options(args))
+                                                  args.eval_amp, args.channels_last, description="photos descriptors")
+    predictions = faiss_indexes.knn_search(descriptors, photos_descriptors, args.top_k,
+                                           **faiss_indexes.index_options(args))
     os.makedirs(args.out, exist_ok=True)
     results, names = [], set()
     for index, (photo, photo_predictions) in enumerate(zip(args.photos, predictions)):
@@ -145,25 +155,26 @@ def geolocalize(args):
         names.add(name)
         result["picture"] = save_picture(result, args, name)
         results.append(result)
-    commons.atomic_json_dump({"model": args.resume_model, "database_folder": args.database_folder, "photos": results},
-                             os.path.join(args.out, "geolocalize.json"))
+    files.atomic_json_dump({"model": args.resume_model, "database_folder": args.database_folder, "photos": results},
+                           os.path.join(args.out, "geolocalize.json"))
     return results
 
 
 def main(argv=None):
     arguments = build_parser()
-    args = arguments.parse_args(argv)
+    args = parser.parse_arguments("geolocalize", argv, arguments)
     if args.resume_model is None:
         arguments.error("--resume_model is required: the weights of the model (e.g. logs/<run>/best_model.pth)")
     missing = [photo for photo in args.photos if not os.path.isfile(photo)]
     if missing:
         arguments.error(f"no such photo: {', '.join(missing)}")
+    import commons
     args.device = commons.resolve_device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        results = geolocalize(args)
-    except (DatasetError, ImageLoadError, network.CheckpointError) as e:
-        sys.exit(f"geolocalize.py: {e}")
+    for flag, value in args.flags_from_checkpoint.items():
+        logging.info(f"--{flag} {value}: taken from the args.json beside --resume_model {args.resume_model}")
+    commons.warn_ineffective_flags(args)
+    results = geolocalize(args)
     for result in results:
         print(report(result))
     print(f"Pictures and geolocalize.json written to {args.out}")
@@ -171,4 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -12,21 +12,24 @@ Photos that cannot be used are skipped and reported with the reason (no GPS, unr
 photo's outcome is written to <out>/make_dataset_report.csv. --out must be empty or new.
 """
 
-import argparse
 import csv
 import os
 import shutil
-import sys
 from collections import Counter
 from datetime import datetime
 
 import utm
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 import parser
+from core.errors import UserError, exit_on_user_error
 from datasets.dataset_utils import IMAGE_EXTENSIONS, format_image_name
 
 REPORT_NAME = "make_dataset_report.csv"
+
+
+class MakeDatasetError(UserError):
+    """A wrong --images, --csv or --out: nothing can be made, the message says what to fix."""
 
 
 class SkipPhoto(ValueError):
@@ -35,7 +38,7 @@ class SkipPhoto(ValueError):
 
 def find_photos(folder):
     if not os.path.isdir(folder):
-        raise SystemExit(f"make_dataset.py: --images {folder}: no such folder")
+        raise MakeDatasetError(f"make_dataset.py: --images {folder}: no such folder")
     return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
                   if name.lower().endswith(IMAGE_EXTENSIONS))
 
@@ -51,13 +54,15 @@ def degrees(dms, reference, what):
 
 
 def read_exif(path):
-    """(latitude or None, longitude or None, heading or None, 'yyyymm' or '') of a photo; SkipPhoto if unreadable."""
-    try:
-        with Image.open(path) as image:
-            exif = image.getexif()
-            image.load()  # decodes it: a truncated file fails here, not when training
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SkipPhoto(f"unreadable ({e})") from None
+    """(latitude or None, longitude or None, heading or None, 'yyyymm' or '') of a photo; SkipPhoto if unreadable.
+    The photo is first decoded by the training loader (EXIF orientation included): a truncated file fails here,
+    not when training."""
+    from datasets.image_check import image_problem  # imports torch: only once the flags are parsed (fast --help)
+    problem = image_problem(path)
+    if problem is not None:
+        raise SkipPhoto(f"unreadable ({problem})")
+    with Image.open(path) as image:
+        exif = image.getexif()
     gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
     latitude = longitude = heading = None
     if ExifTags.GPS.GPSLatitude in gps and ExifTags.GPS.GPSLongitude in gps:
@@ -80,11 +85,11 @@ def read_positions_csv(csv_path, images_folder):
             rows = list(csv.DictReader(file))
             columns = rows[0].keys() if rows else []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise SystemExit(f"make_dataset.py: --csv {csv_path} cannot be read ({e})")
+        raise MakeDatasetError(f"make_dataset.py: --csv {csv_path} cannot be read ({e})") from e
     missing = {"path", "latitude", "longitude"} - set(columns)
     if missing:
-        raise SystemExit(f"make_dataset.py: --csv {csv_path} needs a header with the columns path, latitude, longitude "
-                         f"(and optionally heading); missing: {', '.join(sorted(missing))}")
+        raise MakeDatasetError(f"make_dataset.py: --csv {csv_path} needs a header with the columns path, latitude, "
+                               f"longitude (and optionally heading); missing: {', '.join(sorted(missing))}")
     positions, skipped = {}, []
     for line_number, row in enumerate(rows, start=2):
         where = f"{csv_path} line {line_number}"
@@ -131,7 +136,7 @@ def output_name(path, latitude, longitude, heading, month, taken_names):
 def make_dataset(images_folder, out_folder, csv_path=None, link=False):
     """Copies (or links) every usable photo; returns [(source, output name or '', reason or '')], one per photo."""
     if os.path.isdir(out_folder) and os.listdir(out_folder):
-        raise SystemExit(f"make_dataset.py: --out {out_folder} is not empty: choose a new folder")
+        raise MakeDatasetError(f"make_dataset.py: --out {out_folder} is not empty: choose a new folder")
     photos = find_photos(images_folder)
     positions, outcomes = {}, []
     if csv_path:
@@ -183,7 +188,7 @@ def summary(outcomes, out_folder):
 
 
 def main(argv=None):
-    arguments = argparse.ArgumentParser(description=__doc__, formatter_class=parser.HelpFormatter)
+    arguments = parser.ArgumentParser(description=__doc__)
     arguments.add_argument("--images", required=True, help="folder of the photos (searched recursively)")
     arguments.add_argument("--csv", default=None, help="CSV with columns path, latitude, longitude[, heading]")
     arguments.add_argument("--out", required=True, help="folder of the renamed images (must be empty or new)")
@@ -192,9 +197,9 @@ def main(argv=None):
     outcomes = make_dataset(args.images, args.out, args.csv, args.link)
     print(summary(outcomes, args.out))
     if not any(name for _, name, _ in outcomes):
-        sys.exit("make_dataset.py: no photo could be used (see the reasons above)")
+        raise MakeDatasetError("make_dataset.py: no photo could be used (see the reasons above)")
     return outcomes
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -1,18 +1,36 @@
 """Gathers runs into the results table of the course (Markdown, LaTeX, CSV) and plots their training curves.
 
     python make_report.py logs/resnet18_sfxs logs/eval/* --out report
+    python make_report.py experiments/finetune_study/runs --aggregate_seeds --out report
 
 Each argument is a run folder (logs/<save_dir>/<timestamp>), a folder above run folders (all the runs below it), or a
-glob of either. A train.py run gives the validation recalls of its best epoch (metrics.jsonl: the epoch whose model
-is best_model.pth) and the test recalls of its best model (test_results.json); an eval.py run (results.json) gives the
-recalls of every test set it evaluated, in the row of the training run its --resume_model comes from when that run
-folder still exists. Where two files give the same test set, results.json wins over test_results.json, which wins
-over metrics.jsonl. Rows are named after args.json's save_dir (else the folder above the run), with the run folder
-added when two rows would share a name. Columns are named after the test set folders: .../sf_xs/val -> 'SF-XS val',
-.../tokyo_xs/test -> 'Tokyo-XS' (a dataset evaluated only on its test split keeps its name alone).
+glob of either.
 
-Writes to --out: results_table.md, results_table.tex, results_table.csv (the numbers exactly as in the logs, and the
-log files they come from) and training_curves.png (loss, val R@1 and learning rates per epoch).
+One row per model and evaluation settings, so that no number ever replaces another:
+  - a train.py run gives the row of its best_model.pth: the validation recalls of its best record of metrics.jsonl
+    (the one best_model.pth was saved at) and the test recalls of test_results.json;
+  - an eval.py run (results.json) of a training run's model with the same settings ("settings": test image size
+    and resize, FAISS index and options, AdaBN folder, AMP) fills the other test sets of that row (e.g. Tokyo-XS);
+    where it gives another number for a cell already filled, it gets a row of its own, '[rerun <folder>]', and a
+    warning. With other settings, or another checkpoint of the run, it gets its own row, labelled with what differs
+    from the training run's test: 'resnet18_sfxs [ivfpq nlist=0 nprobe=32]', '[test 64 px]', '[AdaBN val/queries]',
+    '[last_checkpoint.pth]'; an old results.json without "settings" is labelled '[settings unknown]';
+  - an eval.py run of no model (the untrained network) or of a model that is not in a run folder has its own rows.
+Rows are named after args.json's save_dir (else the folder above the run); rows with the same name get the flags
+that differ between them ('(seed=1)'), else their run folder. Runs without args.json are compared by the command on
+the first line of their info.log. Rows are in the chronological order of the run folder they start from.
+
+--aggregate_seeds: the rows of runs that differ only by --seed (and by the flags that do not change results:
+logs_root, num_workers, device, command, git_commit, resume_model, resume_train) become one row of mean +- sample
+std over the seeds and n: '83.3 +- 1.2 (n=3)' (no std with n=1).
+
+Columns are named after the test set folders: .../sf_xs/val -> 'SF-XS val', .../tokyo_xs/test -> 'Tokyo-XS' (a
+dataset evaluated only on its test split keeps its name alone).
+
+Writes to --out: results_table.md, results_table.tex, results_table.csv (the numbers exactly as in the logs - or
+mean, std and n in separate columns - and the log files they come from) and training_curves.png: loss, val R@1 and
+learning rates against iterations (epochs for old runs that log once an epoch), plus the SSL / DANN losses and the
+domain accuracy when a run has them; with --aggregate_seeds, the mean over the seeds with a +- std band.
 """
 
 import argparse
@@ -21,43 +39,36 @@ import glob
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
+from functools import cache
 
-from matplotlib.figure import Figure  # the object API draws with Agg and touches no global pyplot state
-from matplotlib.ticker import MaxNLocator
-
-import commons
-import parser
+from core import files
+from core.errors import UserError, exit_on_user_error
 
 RUN_FILES = ("results.json", "test_results.json", "metrics.jsonl")
-PRIORITY = {"results.json": 3, "test_results.json": 2, "metrics.jsonl": 1}
 # Folder name -> name in the table; their order is the order of the columns (other datasets follow, sorted)
 DATASET_NAMES = {"sf_xs": "SF-XS", "tokyo_xs": "Tokyo-XS", "sf_xl": "SF-XL", "tokyo247": "Tokyo 24/7",
                  "pitts30k": "Pitts30k", "pitts250k": "Pitts250k", "msls": "MSLS", "st_lucia": "St Lucia"}
 SPLIT_ORDER = ("train", "val", "test")
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+# Flags that do not change the results: runs that differ only by these (and --seed) are seeds of one experiment
+NOT_CONFIGURATION = {"logs_root", "command", "git_commit", "resume_model", "resume_train", "num_workers", "device"}
+# eval.py's settings when no flag changes them: what a row of unknown reference settings is described against
+DEFAULT_SETTINGS = {"test_image_size": None, "test_resize": "shorter_side", "faiss_index": "exact",
+                    "faiss_options": {}, "adabn_folder": None, "amp": "none"}
+# (metrics.jsonl key, panel title, log scale); the optional ones get a panel only when some run logs them
+CURVES = [("loss", "Training loss", False), ("val_R@1", "Validation R@1 (%)", False),
+          ("lr", "Backbone learning rate", True), ("classifiers_lr", "Classifiers learning rate", True)]
+OPTIONAL_CURVES = [("ssl_loss", "SSL loss", False), ("dann_loss", "DANN loss", False),
+                   ("dann_domain_accuracy", "DANN domain accuracy", False)]
+LINE_STYLES, MARKERS = ("-", "--", "-.", ":"), "os^Dvx*"  # 7 markers and 10 colours: 70 distinct lines
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """Nothing to report from the given folders, or a log that cannot be read."""
-
-
-@dataclass
-class Experiment:
-    """One row: the recalls of each test set (label 'dataset/split' -> {'R@1': ...}), where they come from, and the
-    per-epoch records of its training."""
-    folder: str
-    name: str = ""
-    recalls: dict = field(default_factory=dict)
-    sources: dict = field(default_factory=dict)
-    metrics: list = field(default_factory=list)
-
-    def add(self, label, recalls, source):
-        current = self.sources.get(label)
-        if current is None or PRIORITY[os.path.basename(source)] >= PRIORITY[os.path.basename(current)]:
-            self.recalls[label], self.sources[label] = recalls, source
 
 
 def read_json(path):
@@ -81,12 +92,79 @@ def read_metrics(path):
     return records
 
 
+def command_flags(info_log):
+    """{flag: value} of the command on the first line of info.log ('<date> <time>   script.py --flag value...'):
+    the flags of a run that has no args.json."""
+    try:
+        with open(info_log) as file:
+            tokens = file.readline().split()
+    except OSError:
+        return {}
+    script = next((index for index, token in enumerate(tokens) if token.endswith(".py")), len(tokens))
+    flags, key = {}, None
+    for token in tokens[script + 1:]:
+        if token.startswith("--"):
+            key = token[2:]
+            flags[key] = ""
+        elif key is not None:
+            flags[key] = f"{flags[key]} {token}".strip()
+    return flags
+
+
+@dataclass
+class Run:
+    """A run folder and what its files say."""
+    folder: str
+    args: dict = field(default_factory=dict)
+    metrics: list = field(default_factory=list)
+    test_results: dict = None
+    results: dict = None
+
+    @property
+    def name(self):
+        return self.args.get("save_dir") or os.path.basename(os.path.dirname(self.folder))
+
+    @property
+    def time(self):
+        """Sorts runs chronologically: their folders are named after the time they started."""
+        return os.path.basename(self.folder), self.folder
+
+    @property
+    def configuration(self):
+        """What runs that are seeds of one experiment share; None when the run's flags are unknown."""
+        if not self.args:
+            return None
+        return json.dumps({k: v for k, v in self.args.items() if k not in NOT_CONFIGURATION | {"seed"}},
+                          sort_keys=True, default=str)
+
+    @property
+    def test_settings(self):
+        return (self.test_results or {}).get("settings")
+
+
+@cache
+def load_run(folder):
+    path = lambda name: os.path.join(folder, name)
+    run = Run(folder)
+    if os.path.isfile(path("args.json")):
+        run.args = read_json(path("args.json"))
+    elif os.path.isfile(path("info.log")):
+        run.args = command_flags(path("info.log"))
+    if os.path.isfile(path("metrics.jsonl")):
+        run.metrics = read_metrics(path("metrics.jsonl"))
+    if os.path.isfile(path("test_results.json")):
+        run.test_results = read_json(path("test_results.json"))
+    if os.path.isfile(path("results.json")):
+        run.results = read_json(path("results.json"))
+    return run
+
+
 def is_run_folder(folder):
     return any(os.path.isfile(os.path.join(folder, name)) for name in RUN_FILES)
 
 
 def find_run_folders(patterns):
-    """Run folders of the arguments, in the given order (each glob sorted), without repetitions."""
+    """Run folders of the arguments, without repetitions."""
     folders = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) or ([pattern] if os.path.isdir(pattern) else [])
@@ -101,9 +179,9 @@ def find_run_folders(patterns):
     return folders
 
 
-def best_epoch(metrics):
-    """The record of the epoch whose model is best_model.pth: train.py saves the first epoch that reaches the
-    highest val R@1, if that is above 0; otherwise it tests the last model. None without any val R@1."""
+def best_record(metrics):
+    """The record whose model is best_model.pth: train.py saves the first record that reaches the highest val R@1,
+    if that is above 0; otherwise it tests the last model. None without any val R@1."""
     evaluated = [record for record in metrics if "val_R@1" in record]
     if not evaluated:
         return None
@@ -115,61 +193,173 @@ def recalls_of(record, prefix=""):
     return {key[len(prefix):]: value for key, value in record.items() if key.startswith(prefix + "R@")}
 
 
-def experiment_folder(run_folder):
-    """The training run an eval.py run belongs to: the folder of its --resume_model, when that is a run folder."""
-    results_path = os.path.join(run_folder, "results.json")
-    if os.path.isfile(results_path):
-        model = read_json(results_path).get("model")
-        if model and is_run_folder(os.path.dirname(os.path.abspath(model))):
-            return os.path.dirname(os.path.abspath(model))
-    return run_folder
+@dataclass
+class Evaluation:
+    """The recalls one log file gives of one model with one set of settings (None: unknown)."""
+    run: Run  # where the log is
+    owner: Run  # the training run of the model (else the run itself): names the row and sets its seed group
+    model: str  # path of the model file, None for the untrained network
+    settings: dict
+    script: str  # 'train.py' or 'eval.py'
+    cells: dict  # test set label ('sf_xs/val') -> ({'R@1': ...}, log file)
 
 
-def load_experiments(run_folders):
-    experiments = {}
-    for run_folder in run_folders:
-        folder = experiment_folder(run_folder)
-        experiment = experiments.setdefault(folder, Experiment(folder))
-        args_path = os.path.join(run_folder, "args.json")
-        run_args = read_json(args_path) if os.path.isfile(args_path) else {}
-        metrics_path = os.path.join(run_folder, "metrics.jsonl")
-        if os.path.isfile(metrics_path) and (metrics := read_metrics(metrics_path)):
-            experiment.metrics = metrics
-            if best_epoch(metrics) is None:
-                print(f"Warning: {metrics_path} has no val_R@1", file=sys.stderr)
-            elif run_args.get("val_set_folder"):
-                experiment.add(commons.test_set_label(run_args["val_set_folder"]),
-                               recalls_of(best_epoch(metrics), "val_"), metrics_path)
-            else:
-                print(f"Warning: {run_folder} has no args.json naming its validation set: its val recalls are "
-                      f"left out", file=sys.stderr)
-        test_path = os.path.join(run_folder, "test_results.json")
-        if os.path.isfile(test_path):
-            test_results = read_json(test_path)
-            experiment.add(commons.test_set_label(test_results["dataset"]), recalls_of(test_results), test_path)
-        results_path = os.path.join(run_folder, "results.json")
-        if os.path.isfile(results_path):
-            for folder, recalls in read_json(results_path)["test_sets"].items():
-                experiment.add(commons.test_set_label(folder), recalls, results_path)
-    name_experiments(list(experiments.values()))
-    return list(experiments.values())
+def evaluations_of(run):
+    """The evaluation of a training run (val recalls of metrics.jsonl, test recalls of test_results.json) and
+    that of an eval.py run (results.json)."""
+    evaluations = []
+    if run.results is None:  # a training run, perhaps killed before its first record: a row of dashes says so
+        cells, metrics_path = {}, os.path.join(run.folder, "metrics.jsonl")
+        if run.metrics and best_record(run.metrics) is None:
+            print(f"Warning: {metrics_path} has no val_R@1", file=sys.stderr)
+        elif run.metrics and not run.args.get("val_set_folder"):
+            print(f"Warning: {run.folder} has no args.json naming its validation set: its val recalls are left out",
+                  file=sys.stderr)
+        elif run.metrics:
+            cells[files.test_set_label(run.args["val_set_folder"])] = (recalls_of(best_record(run.metrics), "val_"),
+                                                                      metrics_path)
+        if run.test_results:
+            cells[files.test_set_label(run.test_results["dataset"])] = (
+                recalls_of(run.test_results), os.path.join(run.folder, "test_results.json"))
+        evaluations.append(Evaluation(run, run, os.path.join(run.folder, "best_model.pth"), run.test_settings,
+                                      "train.py", cells))
+    if run.results:
+        model = run.results.get("model") and os.path.abspath(run.results["model"])
+        owner = load_run(os.path.dirname(model)) if model and is_run_folder(os.path.dirname(model)) else run
+        source = os.path.join(run.folder, "results.json")
+        evaluations.append(Evaluation(run, owner, model, run.results.get("settings"), "eval.py",
+                                      {files.test_set_label(folder): (recalls, source)
+                                       for folder, recalls in run.results["test_sets"].items()}))
+    return evaluations
 
 
-def name_experiments(experiments):
-    """save_dir of args.json, else the folder above the run; the run folder is added to names used twice."""
-    for experiment in experiments:
-        args_path = os.path.join(experiment.folder, "args.json")
-        save_dir = read_json(args_path).get("save_dir") if os.path.isfile(args_path) else None
-        experiment.name = save_dir or os.path.basename(os.path.dirname(experiment.folder))
-    names = [e.name for e in experiments]
-    for experiment in experiments:
-        if names.count(experiment.name) > 1:
-            experiment.name = f"{experiment.name}/{os.path.basename(experiment.folder)}"
+def describe_settings(settings, reference):
+    """What settings change from reference, in words: 'test 64 px, ivfpq nlist=0 nprobe=32'."""
+    if settings is None:
+        return ["settings unknown"]
+    differs = lambda key: settings.get(key) != reference.get(key)
+    words = []
+    if differs("test_image_size") or differs("test_resize"):
+        size = settings.get("test_image_size")
+        words.append(("test native size" if size is None else f"test {size} px")
+                     + (" square" if settings.get("test_resize") == "square" else ""))
+    if differs("faiss_index") or differs("faiss_options"):
+        words.append(" ".join([settings.get("faiss_index") or "exact"]
+                              + [f"{k}={v}" for k, v in sorted((settings.get("faiss_options") or {}).items())]))
+    if differs("adabn_folder"):
+        words.append(f"AdaBN {files.test_set_label(settings['adabn_folder'])}" if settings.get("adabn_folder")
+                     else "no AdaBN")
+    if differs("amp"):
+        words.append(f"AMP {settings.get('amp')}")
+    return words
 
 
-def columns_of(experiments):
+def row_label(evaluation):
+    """What sets an evaluation of a training run's model apart from the run's own test ('' for that test); an
+    eval.py run of its own (untrained) model only says when its settings are unknown."""
+    owner = evaluation.owner
+    if evaluation.script == "train.py" or evaluation.run is owner:
+        return "settings unknown" if evaluation.script == "eval.py" and evaluation.settings is None else ""
+    words = [os.path.basename(evaluation.model)] if os.path.basename(evaluation.model) != "best_model.pth" else []
+    words += describe_settings(evaluation.settings, owner.test_settings or DEFAULT_SETTINGS)
+    if not words and owner.test_settings is None:  # default settings, while the owner's test ones are unknown
+        words = ["eval.py"]
+    return ", ".join(words)
+
+
+@dataclass
+class Row:
+    """The recalls of one model with one set of settings, and where each comes from."""
+    owner: Run
+    label: str  # '' or what sets the row apart from the owner's own test: 'ivfpq nprobe=32'
+    runs: list  # the runs its numbers come from, the first one places the row
+    cells: dict = field(default_factory=dict)  # test set label -> (recalls, log file)
+
+    @property
+    def metrics(self):
+        """The training curves of the owner's own row."""
+        return self.owner.metrics if any(run is self.owner for run in self.runs) else []
+
+
+def conflict(cells, other):
+    """The first number that two sets of cells give differently: (test set, 'R@N', (value, log file), (other
+    value, other log file)); None when they agree."""
+    for label in cells.keys() & other.keys():
+        for key in cells[label][0].keys() & other[label][0].keys():
+            if cells[label][0][key] != other[label][0][key]:
+                return label, key, (cells[label][0][key], cells[label][1]), (other[label][0][key], other[label][1])
+    return None
+
+
+def build_rows(runs):
+    """One row per (model, settings), in the chronological order of the runs; an evaluation that gives another
+    number for a cell already filled gets a row of its own, with a warning."""
+    rows, rows_of_key = [], {}
+    for evaluation in (e for run in sorted(runs, key=lambda run: run.time) for e in evaluations_of(run)):
+        model_key = evaluation.model or evaluation.run.folder  # each untrained network is a model of its own
+        settings_key = json.dumps(evaluation.settings, sort_keys=True) if evaluation.settings is not None \
+            else evaluation.run.folder  # unknown settings equal no others
+        candidates = rows_of_key.setdefault((model_key, settings_key), [])
+        clashes = [conflict(row.cells, evaluation.cells) for row in candidates]
+        if None in clashes:
+            row = candidates[clashes.index(None)]
+            row.cells.update(evaluation.cells)
+            row.runs.append(evaluation.run)
+            continue
+        label = row_label(evaluation)
+        if clashes:
+            test_set, key, (value, source), (new_value, new_source) = clashes[0]
+            print(f"Warning: {new_source} gives {test_set} {key} = {new_value} where {source} gives {value}: both are "
+                  f"kept, in separate rows", file=sys.stderr)
+            label = ", ".join(filter(None, [label, "rerun " + os.path.relpath(
+                evaluation.run.folder, os.path.dirname(os.path.dirname(evaluation.run.folder)))]))
+        candidates.append(Row(evaluation.owner, label, [evaluation.run], dict(evaluation.cells)))
+        rows.append(candidates[-1])
+    return rows
+
+
+@dataclass
+class Group:
+    """Rows that differ only by seed (one row without --aggregate_seeds)."""
+    rows: list
+    name: str = ""
+
+
+def group_rows(rows, aggregate_seeds):
+    """Rows whose owners have the same flags but --seed, and the same label, are seeds of one experiment; runs of
+    unknown flags are experiments of their own."""
+    if not aggregate_seeds:
+        return [Group([row]) for row in rows]
+    groups = {}
+    for row in rows:
+        key = (row.owner.configuration or row.owner.folder, row.label)
+        groups.setdefault(key, Group([])).rows.append(row)
+    return list(groups.values())
+
+
+def name_groups(groups, aggregate_seeds):
+    """save_dir [label]; groups with the same name get the flags that differ between them, else their run folder."""
+    for group in groups:
+        row = group.rows[0]
+        group.name = row.owner.name + (f" [{row.label}]" if row.label else "")
+    for name in {group.name for group in groups}:
+        same = [group for group in groups if group.name == name]
+        if len(same) < 2:
+            continue
+        ignored = NOT_CONFIGURATION | ({"seed"} if aggregate_seeds else set())
+        flags = [{k: v for k, v in group.rows[0].owner.args.items() if k not in ignored} for group in same]
+        differing = sorted({k for f in flags for k in f if any(f.get(k) != other.get(k) for other in flags)})
+        for group, group_flags in zip(same, flags):
+            described = ", ".join(f"{k}={group_flags.get(k, '-')}" for k in differing)
+            group.name += f" ({described})" if all(flags) and differing else ""
+        names = [group.name for group in same]
+        for group in [group for group in same if names.count(group.name) > 1]:
+            group.name += f" ({os.path.basename(group.rows[0].runs[0].folder)})"
+
+
+def columns_of(rows):
     """[(label, title)] of every test set, the known datasets first, validation before test."""
-    labels = {label for e in experiments for label in e.recalls}
+    labels = {label for row in rows for label in row.cells}
     split_of = lambda label: label.split("/")[-1] if label.split("/")[-1] in SPLIT_ORDER else ""
     dataset_of = lambda label: label.split("/")[0] if split_of(label) else label.split("/")[-1]
     order = list(DATASET_NAMES)
@@ -184,18 +374,37 @@ def columns_of(experiments):
     return columns
 
 
-def table_rows(experiments, columns, recall_values):
-    """[(name, [value or None for each column and N], source files)]."""
-    return [(e.name, [e.recalls.get(label, {}).get(f"R@{n}") for label, _ in columns for n in recall_values],
-             sorted({os.path.relpath(e.sources[label]) for label, _ in columns if label in e.sources}))
-            for e in experiments]
+def mean_std(values):
+    """(mean, sample std - None for a single value, n) of the values that are not None."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None, 0
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
 
-def markdown_table(rows, columns, recall_values):
+def table_rows(groups, columns, recall_values):
+    """[(name, [[the value of each row of the group] for each column and N], log files)]."""
+    return [(group.name,
+             [[row.cells[label][0].get(f"R@{n}") if label in row.cells else None for row in group.rows]
+              for label, _ in columns for n in recall_values],
+             sorted({os.path.relpath(source) for row in group.rows for _, source in row.cells.values()}))
+            for group in groups]
+
+
+def format_cell(values, aggregate_seeds, plus_minus="+-", missing="–"):
+    if not aggregate_seeds:
+        return missing if values[0] is None else f"{values[0]:.1f}"
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return missing
+    return f"{mean:.1f}" + (f" {plus_minus} {std:.1f}" if std is not None else "") + f" (n={n})"
+
+
+def markdown_table(rows, columns, recall_values, aggregate_seeds=False):
     header = ["Experiment"] + [f"{title} R@{n}" for _, title in columns for n in recall_values]
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    for name, values, _ in rows:
-        lines.append("| " + " | ".join([name] + ["–" if v is None else f"{v:.1f}" for v in values]) + " |")
+    for name, cells, _ in rows:
+        lines.append("| " + " | ".join([name] + [format_cell(c, aggregate_seeds) for c in cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,81 +412,120 @@ def latex_escape(text):
     return "".join(LATEX_ESCAPES.get(character, character) for character in text)
 
 
-def latex_table(rows, columns, recall_values):
+def latex_table(rows, columns, recall_values, aggregate_seeds=False):
     k = len(recall_values)
     lines = [r"% needs \usepackage{booktabs}", r"\begin{tabular}{l" + "r" * k * len(columns) + "}", r"\toprule",
              " & ".join(["Experiment"] + [rf"\multicolumn{{{k}}}{{c}}{{{latex_escape(title)}}}"
                                           for _, title in columns]) + r" \\",
              " & ".join([""] + [f"R@{n}" for _ in columns for n in recall_values]) + r" \\", r"\midrule"]
-    for name, values, _ in rows:
-        lines.append(" & ".join([latex_escape(name)] + ["--" if v is None else f"{v:.1f}" for v in values]) + r" \\")
+    for name, cells, _ in rows:
+        lines.append(" & ".join([latex_escape(name)] + [format_cell(c, aggregate_seeds, r"$\pm$", "--")
+                                                        for c in cells]) + r" \\")
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
-def write_csv(rows, columns, recall_values, path):
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file, lineterminator="\n")
-        writer.writerow(["experiment"] + [f"{title} R@{n}" for _, title in columns for n in recall_values]
-                        + ["sources"])
-        for name, values, sources in rows:
-            writer.writerow([name] + ["" if v is None else repr(v) for v in values] + [" ".join(sources)])
+def write_csv(rows, columns, recall_values, path, aggregate_seeds=False):
+    """The numbers exactly as logged (repr), or their mean, std and n."""
+    titles = [f"{title} R@{n}" for _, title in columns for n in recall_values]
+    number = lambda value: "" if value is None else repr(value)
+    if aggregate_seeds:
+        lines = [["experiment"] + [f"{t} {s}" for t in titles for s in ("mean", "std", "n")] + ["sources"]]
+        lines += [[name] + [number(v) for c in cells for v in mean_std(c)] + [" ".join(sources)]
+                  for name, cells, sources in rows]
+    else:
+        lines = [["experiment"] + titles + ["sources"]]
+        lines += [[name] + [number(c[0]) for c in cells] + [" ".join(sources)] for name, cells, sources in rows]
+    files.atomic_write(path, lambda file: csv.writer(file, lineterminator="\n").writerows(lines), mode="w")
 
 
-def plot_training_curves(experiments, path):
-    """Loss, val R@1 and learning rates (backbone solid, classifiers dashed) per epoch, one colour per run."""
-    figure = Figure(figsize=(15, 4.5))
-    loss_axis, recall_axis, lr_axis = figure.subplots(1, 3)
-    for index, experiment in enumerate(e for e in experiments if e.metrics):
-        color = f"C{index % 10}"
-        epochs = [record["epoch"] for record in experiment.metrics]
-        values = lambda key: [record.get(key, math.nan) for record in experiment.metrics]  # NaN: a gap in the line
-        loss_axis.plot(epochs, values("loss"), "o-", color=color, label=experiment.name)
-        recall_axis.plot(epochs, values("val_R@1"), "o-", color=color)
-        lr_axis.plot(epochs, values("lr"), "o-", color=color)
-        lr_axis.plot(epochs, values("classifiers_lr"), "s--", color=color)
-    loss_axis.set(xlabel="epoch", ylabel="mean training loss", title="Loss")
-    recall_axis.set(xlabel="epoch", ylabel="R@1 (%)", title="Validation R@1")
-    lr_axis.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="Learning rate (--- classifiers)")
-    for axis in (loss_axis, recall_axis, lr_axis):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    loss_axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+def curve(runs_metrics, key, x_key):
+    """[(x, mean, std)] of one metric over the runs of a group, at each x (step or epoch) that a run logged."""
+    by_x = {}
+    for metrics in runs_metrics:
+        for x, value in {r[x_key]: r.get(key) for r in metrics}.items():  # a resumed run's last record of each x
+            by_x.setdefault(x, []).append(value)
+    points = [(x, *mean_std(values)[:2]) for x, values in sorted(by_x.items())]
+    return [(x, mean, std) for x, mean, std in points if mean is not None]
 
 
-def make_report(patterns, out_folder, recall_values=(1, 5)):
+def plot_training_curves(groups, path):
+    """One panel per metric, one line per group (the mean over its seeds, with a +- std band), colours, line
+    styles and markers cycled so that 30 lines stay apart, and the legend outside the panels."""
+    # Imported here, so that --help answers without loading matplotlib
+    from matplotlib.figure import Figure
+
+    series = [(group.name, [row.metrics for row in group.rows if row.metrics]) for group in groups]
+    series = [(name, metrics) for name, metrics in series if metrics]
+    logged = {key for _, metrics in series for records in metrics for record in records for key in record}
+    panels = CURVES + [panel for panel in OPTIONAL_CURVES if panel[0] in logged]
+    # iterations when every record has its step, else epochs (old runs log once an epoch)
+    x_key = "step" if all("step" in r for _, metrics in series for records in metrics for r in records) else "epoch"
+    columns = 3
+    figure = Figure(figsize=(6 * columns, 4.2 * math.ceil(len(panels) / columns)), layout="constrained")
+    axes = figure.subplots(math.ceil(len(panels) / columns), columns, squeeze=False).ravel()
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
+    for index, (name, metrics) in enumerate(series):
+        style = {"color": f"C{index % 10}", "linestyle": LINE_STYLES[index // 10 % len(LINE_STYLES)],
+                 "marker": MARKERS[index % len(MARKERS)], "markersize": 4, "label": name}
+        for axis, (key, title, log_scale) in zip(axes, panels):
+            points = curve(metrics, key, x_key)
+            if points:
+                xs, means, _ = zip(*points)
+                axis.plot(xs, means, **style)
+                band = [(x, m - s, m + s) for x, m, s in points if s is not None]
+                if band:
+                    axis.fill_between(*zip(*band), color=style["color"], alpha=0.15, linewidth=0)
+    for axis, (_, title, log_scale) in zip(axes, panels):
+        axis.set(title=title, xlabel="iterations" if x_key == "step" else "epoch", yscale="log" if log_scale
+                 else "linear")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:  # no run logged a loss yet: take the legend from the recall panel
+        handles, labels = axes[1].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", fontsize=8, ncols=1 + len(labels) // 40)
+    files.atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=90))
+
+
+def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=False):
     """Writes the tables (and the curves when a run has metrics.jsonl); returns the markdown table and the rows."""
-    experiments = load_experiments(find_run_folders(patterns))
-    columns = columns_of(experiments)
+    load_run.cache_clear()  # runs go on writing their logs between two reports of one process
+    rows = build_rows([load_run(folder) for folder in find_run_folders(patterns)])
+    columns = columns_of(rows)
     if not columns:
         raise ReportError(f"The runs in {' '.join(patterns)} have no recalls yet (no finished epoch or evaluation)")
-    rows = table_rows(experiments, columns, recall_values)
+    groups = group_rows(rows, aggregate_seeds)
+    name_groups(groups, aggregate_seeds)
+    table = table_rows(groups, columns, recall_values)
     os.makedirs(out_folder, exist_ok=True)
-    markdown = markdown_table(rows, columns, recall_values)
-    with open(os.path.join(out_folder, "results_table.md"), "w") as file:
-        file.write(markdown)
-    with open(os.path.join(out_folder, "results_table.tex"), "w") as file:
-        file.write(latex_table(rows, columns, recall_values))
-    write_csv(rows, columns, recall_values, os.path.join(out_folder, "results_table.csv"))
-    if any(e.metrics for e in experiments):
-        plot_training_curves(experiments, os.path.join(out_folder, "training_curves.png"))
-    return markdown, rows
+    markdown = markdown_table(table, columns, recall_values, aggregate_seeds)
+    files.atomic_write(os.path.join(out_folder, "results_table.md"), lambda file: file.write(markdown), mode="w")
+    files.atomic_write(os.path.join(out_folder, "results_table.tex"),
+                       lambda file: file.write(latex_table(table, columns, recall_values, aggregate_seeds)), mode="w")
+    write_csv(table, columns, recall_values, os.path.join(out_folder, "results_table.csv"), aggregate_seeds)
+    if any(row.metrics for row in rows):
+        plot_training_curves(groups, os.path.join(out_folder, "training_curves.png"))
+    return markdown, table
+
+
+def positive_int(value):
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return int(value)
 
 
 def main(argv=None):
-    arguments = argparse.ArgumentParser(description=__doc__, formatter_class=parser.HelpFormatter)
+    arguments = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arguments.add_argument("runs", nargs="+", help="run folders, folders above them, or globs")
     arguments.add_argument("--out", required=True, help="folder of the tables and the plot (created if needed)")
-    arguments.add_argument("--recall_values", type=parser.positive_int, nargs="+", default=[1, 5],
-                           help="N of the R@N columns")
+    arguments.add_argument("--recall_values", type=positive_int, nargs="+", default=[1, 5],
+                           help="N of the R@N columns (default: 1 5)")
+    arguments.add_argument("--aggregate_seeds", action="store_true",
+                           help="one row (and one curve) of mean +- std over the runs that differ only by --seed")
     args = arguments.parse_args(argv)
-    try:
-        markdown, _ = make_report(args.runs, args.out, args.recall_values)
-    except ReportError as e:
-        sys.exit(f"make_report.py: {e}")
+    markdown, _ = make_report(args.runs, args.out, args.recall_values, args.aggregate_seeds)
     print(markdown)
     print(f"Tables and curves written to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -9,8 +9,6 @@ import torch
 from pytorch_metric_learning import losses
 from torch import nn
 
-import augmentations
-
 
 class VICReg(nn.Module):
     """VICReg (Bardes et al., 2022): invariance between the views, variance and decorrelation of each."""
@@ -63,15 +61,16 @@ class SelfSupervisedLoss(nn.Module):
     def extra_images(self, images, step):
         return self.view_augmentation(images)
 
+    def logged_terms(self, value):
+        """The terms of this loss logged apart (metrics.jsonl, info.log)."""
+        return {"ssl_loss": value}
+
     def forward(self, descriptors, view_descriptors, labels):
         return self.weight * self.loss(descriptors.float(), view_descriptors.float(), labels)
 
 
-def build_ssl_loss(args):
-    """The --ssl_loss auxiliary loss, or None with --ssl_loss none."""
+def build_ssl_loss(args, view_augmentation):
+    """The --ssl_loss auxiliary loss (view_augmentation makes the second view), or None with --ssl_loss none."""
     if args.ssl_loss == "none":
         return None
-    if args.ssl_loss not in SSL_LOSSES:
-        raise ValueError(f"Unknown --ssl_loss {args.ssl_loss}: choose one of none, {', '.join(sorted(SSL_LOSSES))}")
-    return SelfSupervisedLoss(args.ssl_loss, args.ssl_weight,
-                              augmentations.TrainAugmentation(args.ssl_augmentations, args))
+    return SelfSupervisedLoss(args.ssl_loss, args.ssl_weight, view_augmentation)

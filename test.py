@@ -6,48 +6,21 @@ import hashlib
 import logging
 import os
 import time
-from collections import defaultdict
 
-import faiss
 import numpy as np
 import torch
-from tqdm import tqdm
 
-import commons
-from datasets.image_loading import collate_images, image_size_of, images_to_device, normalize
+import faiss_indexes
+from core import files
+from datasets.image_loading import normalized_batches
 
 DESCRIPTORS_CACHE_VERSION = 1
-
-
-def batches_by_size(dataset, indices, batch_size):
-    """Batches of indices whose images have the same size, so images of different sizes never force a
-    batch size of 1 (upstream's slowest step). With a fixed test size every image can share a batch."""
-    if dataset.image_size is not None:
-        sizes = {i: dataset.image_size for i in indices}
-    else:
-        sizes = {i: image_size_of(dataset.images_paths[i]) for i in indices}
-    buckets = defaultdict(list)
-    for index in indices:
-        buckets[sizes[index]].append(index)
-    return [bucket[start: start + batch_size] for bucket in buckets.values()
-            for start in range(0, len(bucket), batch_size)]
 
 
 def autocast_context(device, amp):
     if amp == "none" or not str(device).startswith("cuda"):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
-
-
-def normalized_batches(dataset, device, batch_size=16, num_workers=0, indices=None, description="images"):
-    """(ImageNet-normalised images on device, their indices) of the dataset's items at indices (all by
-    default), batched by size (batches_by_size), with a progress bar."""
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_by_size(dataset, indices, batch_size),
-                                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
-                                         collate_fn=collate_images)
-    for images, batch_indices in tqdm(loader, ncols=100, desc=description, leave=False):
-        yield normalize(images_to_device(images, dataset.image_size, device)), batch_indices
 
 
 @torch.inference_mode()
@@ -82,90 +55,41 @@ def descriptors_cache_path(cache_folder, dataset, model, flags):
     return os.path.join(cache_folder, f"descriptors_{dataset.dataset_name}_{digest.hexdigest()[:24]}.npy")
 
 
+def read_cached_descriptors(path, shape):
+    """The descriptors cached in path, or None when there are none; a cache file that is truncated or of another
+    shape (a killed or foreign write) is reported and recomputed, not an error."""
+    if not os.path.exists(path):
+        return None
+    try:
+        descriptors = np.load(path)
+        if descriptors.shape == shape:
+            return descriptors
+        problem = f"holds {descriptors.shape} descriptors, {shape} expected"
+    except (OSError, ValueError, EOFError) as error:
+        problem = f"cannot be read ({error})"
+    logging.warning(f"The descriptors cache {path} {problem}: computing them again")
+    return None
+
+
 def dataset_descriptors(args, dataset, model):
     """compute_descriptors of the whole dataset with the flags of args, read from / written to the cache of
     --descriptors_cache when given."""
-    flags = {"test_image_size": dataset.image_size, "amp": getattr(args, "amp", "none"),
-             "channels_last": getattr(args, "channels_last", False),
-             "decode_on_gpu": getattr(args, "decode_on_gpu", False)}
+    flags = {"test_image_size": dataset.image_size, "test_resize": dataset.test_resize, "amp": args.eval_amp,
+             "channels_last": args.channels_last, "decode_on_gpu": getattr(args, "decode_on_gpu", False)}
     cache_path = None
-    if getattr(args, "descriptors_cache", None):
+    if args.descriptors_cache:
         cache_path = descriptors_cache_path(args.descriptors_cache, dataset, model, flags)
-        if os.path.exists(cache_path):
+        cached = read_cached_descriptors(cache_path, (len(dataset), model.fc_output_dim))
+        if cached is not None:
             logging.info(f"{dataset.dataset_name}: descriptors read from the cache {cache_path}")
-            return np.load(cache_path)
+            return cached
     descriptors = compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers,
                                       flags["amp"], flags["channels_last"],
                                       description=f"{dataset.dataset_name} descriptors")
     if cache_path is not None:
-        commons.atomic_write(cache_path, lambda file: np.save(file, descriptors))
+        files.atomic_write(cache_path, lambda file: np.save(file, descriptors))
         logging.debug(f"{dataset.dataset_name}: descriptors written to the cache {cache_path}")
     return descriptors
-
-
-#### Nearest-neighbour indexes: name -> builder(database descriptors, **options) -> a faiss index
-
-def exact_index(descriptors, **_):
-    """Brute-force L2 search: exact, 4 bytes per dimension per image."""
-    index = faiss.IndexFlatL2(descriptors.shape[1])
-    index.add(descriptors)
-    return index
-
-
-def ivfpq_index(descriptors, nlist=0, nprobe=32, pq_m=64, **_):
-    """Inverted lists (nlist k-means cells, nprobe of them visited per query) of product-quantised vectors
-    (pq_m bytes per image): for databases of millions of images that would not fit in memory exactly."""
-    images_num, dimension = descriptors.shape
-    if dimension % pq_m:
-        raise ValueError(f"--faiss_pq_m {pq_m} must divide the descriptor dimension {dimension}")
-    nlist = nlist or max(1, min(int(4 * np.sqrt(images_num)), images_num // 39))  # >= 39 training points per cell
-    bits = int(min(8, np.log2(images_num)))  # each sub-quantizer's 2^bits centroids need as many training points
-    index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dimension), dimension, nlist, pq_m, bits)
-    index.train(descriptors)
-    index.add(descriptors)
-    index.nprobe = min(nprobe, nlist)
-    return index
-
-
-def hnsw_index(descriptors, hnsw_m=32, ef_search=128, **_):
-    """Hierarchical navigable small-world graph (hnsw_m links per node, ef_search candidates per query):
-    fast queries without training, more memory than exact (the vectors plus the graph)."""
-    index = faiss.IndexHNSWFlat(descriptors.shape[1], hnsw_m)
-    index.hnsw.efSearch = ef_search
-    index.add(descriptors)
-    return index
-
-
-FAISS_INDEXES = {"exact": exact_index, "ivfpq": ivfpq_index, "hnsw": hnsw_index}
-
-
-def index_options(args):
-    """The --faiss_* flags, as keyword arguments of build_index / knn_search."""
-    return {"kind": args.faiss_index, "nlist": args.faiss_nlist, "nprobe": args.faiss_nprobe,
-            "pq_m": args.faiss_pq_m, "hnsw_m": args.faiss_hnsw_m, "ef_search": args.faiss_ef_search}
-
-
-def build_index(database_descriptors, kind="exact", **options):
-    """A faiss index (FAISS_INDEXES[kind]) holding the database descriptors, ready to search."""
-    if kind not in FAISS_INDEXES:
-        raise ValueError(f"Unknown --faiss_index {kind}: choose one of {sorted(FAISS_INDEXES)}")
-    return FAISS_INDEXES[kind](np.ascontiguousarray(database_descriptors, dtype=np.float32), **options)
-
-
-def index_megabytes(index):
-    return faiss.serialize_index(index).nbytes / 2 ** 20
-
-
-def search(index, queries_descriptors, k):
-    """Indices of the k nearest database images of each query (L2 on L2-normalised descriptors: the order of
-    cosine similarity); -1 where an approximate index finds fewer than k."""
-    _, predictions = index.search(np.ascontiguousarray(queries_descriptors, dtype=np.float32), min(k, index.ntotal))
-    return predictions
-
-
-def knn_search(database_descriptors, queries_descriptors, k, **options):
-    """kNN of the queries in the database, through build_index (exact unless options say otherwise)."""
-    return search(build_index(database_descriptors, **options), queries_descriptors, k)
 
 
 def compute_recalls(predictions, positives_per_query, recall_values):
@@ -180,6 +104,31 @@ def compute_recalls(predictions, positives_per_query, recall_values):
     return recalls / len(predictions) * 100
 
 
+def evaluation_settings(args):
+    """Every setting that changes a recall besides the model and the images: recorded beside each result, so
+    that results computed differently are never mixed up (make_report.py shows them apart)."""
+    options = faiss_indexes.index_options(args)
+    kind = options.pop("kind")
+    used_options = {"ivfpq": ("nlist", "nprobe", "pq_m"), "hnsw": ("hnsw_m", "ef_search")}.get(kind, ())
+    return {"test_image_size": args.test_image_size, "test_resize": args.test_resize, "faiss_index": kind,
+            "faiss_options": {name: options[name] for name in used_options},
+            "adabn_folder": args.adabn_folder and os.path.abspath(args.adabn_folder), "amp": args.eval_amp,
+            "positive_dist_threshold": args.positive_dist_threshold}
+
+
+def save_test_results(path, dataset, model_path, recalls, args):
+    """test_results.json of a training run: the test set, the model, its recalls and the evaluation settings."""
+    files.atomic_json_dump({"dataset": dataset.dataset_folder, "model": model_path,
+                            "settings": evaluation_settings(args),
+                            **{f"R@{n}": float(r) for n, r in zip(args.recall_values, recalls)}}, path)
+
+
+def results_title(dataset, model_path, recalls, recall_values):
+    """'sf_xs/test - logs/.../best_model.pth - R@1 52.0, R@5 66.0': the title of a summary picture."""
+    shown = [f"R@{n} {r:.1f}" for n, r in zip(recall_values, recalls)][:2]
+    return f"{files.test_set_label(dataset.dataset_folder)} - {model_path or 'untrained model'} - {', '.join(shown)}"
+
+
 def recalls_to_str(recalls, recall_values):
     return ", ".join(f"R@{n}: {r:.1f}" for n, r in zip(recall_values, recalls))
 
@@ -190,20 +139,20 @@ def test(args, dataset, model, return_details=False):
     descriptors = dataset_descriptors(args, dataset, model)
     database_descriptors = descriptors[:dataset.database_num]
     queries_descriptors = descriptors[dataset.database_num:]
-    options, k = index_options(args), max(args.recall_values)
-    index = build_index(database_descriptors, **options)
+    options, k = faiss_indexes.index_options(args), max(args.recall_values)
+    index = faiss_indexes.build_index(database_descriptors, **options)
     start_time = time.perf_counter()
-    predictions = search(index, queries_descriptors, k)
+    predictions = faiss_indexes.search(index, queries_descriptors, k)
     search_time = time.perf_counter() - start_time
     recalls = compute_recalls(predictions, dataset.get_positives(), args.recall_values)
     if options["kind"] != "exact":
-        reference = build_index(database_descriptors)
+        reference = faiss_indexes.build_index(database_descriptors)
         start_time = time.perf_counter()
-        exact_predictions = search(reference, queries_descriptors, k)
+        exact_predictions = faiss_indexes.search(reference, queries_descriptors, k)
         exact_time = time.perf_counter() - start_time
         exact_recalls = compute_recalls(exact_predictions, dataset.get_positives(), args.recall_values)
         ms_per_query = 1000 / max(1, len(queries_descriptors))
-        logging.info(f"{dataset.dataset_name}: {options['kind']} index {index_megabytes(index):.2f} MB "
+        logging.info(f"{dataset.dataset_name}: {options['kind']} index {faiss_indexes.index_megabytes(index):.2f} MB "
                      f"(exact {database_descriptors.nbytes / 2 ** 20:.2f} MB), {search_time * ms_per_query:.3f} ms "
                      f"per query (exact {exact_time * ms_per_query:.3f}); recall loss (exact - approximate): "
                      + ", ".join(f"R@{n} {e - r:.2f}" for n, e, r in zip(args.recall_values, exact_recalls, recalls)))

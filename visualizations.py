@@ -1,22 +1,30 @@
 """Pictures and tables of the predictions: each query next to its top-N predictions, framed green when a prediction is
 within the positive distance and red otherwise, with its distance in metres; a CSV of every query's predictions;
-one summary page (PNG and HTML) of the worst failures and of some successes. Pillow only."""
+one summary page (PNG and HTML) of the worst failures and of some successes; a preview of the training
+augmentations:
+    python visualizations.py --dataset_folder D --out DIR --augmentations color_jitter night:0.5 [--num_images 6]
+"""
 
 import csv
 import html
 import os
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-from datasets.image_loading import load_pil_image
+from datasets.dataset_utils import find_images
+from datasets.image_loading import load_image_tensor, load_pil_image
 
 TILE_SIZE = 256
 SUMMARY_TILE_SIZE = 160
 FRAME = 8
 TEXT_HEIGHT = 28
-GREEN, RED, GREY = (0, 180, 0), (220, 0, 0), (90, 90, 90)
+GREEN, RED, GREY, BLUE = (0, 180, 0), (220, 0, 0), (90, 90, 90), (0, 90, 230)
+NO_POSITIVE = "no positive in the database"
+THUMBNAILS_FOLDER = "summary_files"  # beside summary.html: the page and its images move together
+THUMBNAIL_SIZE = 256
 CSV_FIELDS = ("query_index", "query_path", "rank", "database_index", "database_path", "distance_m", "correct")
 
 
@@ -29,13 +37,19 @@ def font(size=18):
 
 
 def tile(path, caption, color, size=TILE_SIZE):
-    """A framed, captioned thumbnail of one image."""
-    image = ImageOps.contain(load_pil_image(path), (size - 2 * FRAME, size - 2 * FRAME))  # small ones scaled up
+    """A framed, captioned thumbnail of one image; with path None, an empty one saying there is no positive."""
+    text_font = font(18 if size >= 200 else 14)
     canvas = Image.new("RGB", (size, size + TEXT_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
     draw.rectangle([0, 0, size - 1, size - 1], fill=color)
-    canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-    draw.text((FRAME, size + 4), caption, fill=color, font=font(18 if size >= 200 else 14))
+    if path is None:
+        draw.rectangle([FRAME, FRAME, size - 1 - FRAME, size - 1 - FRAME], fill="white")
+        draw.multiline_text((size // 2, size // 2), NO_POSITIVE.replace(" in ", "\nin "), fill=color, font=text_font,
+                            anchor="mm", align="center")
+    else:
+        image = ImageOps.contain(load_pil_image(path), (size - 2 * FRAME, size - 2 * FRAME))  # small ones scaled up
+        canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    draw.text((FRAME, size + 4), caption, fill=color, font=text_font)
     return canvas
 
 
@@ -50,12 +64,15 @@ def row_image(tiles):
     return row
 
 
-def stack_rows(rows, title=None):
-    """Rows one above the other, left-aligned, under an optional title line."""
-    title_height = TEXT_HEIGHT + FRAME if title else 0
-    page = Image.new("RGB", (max(r.width for r in rows), title_height + sum(r.height + FRAME for r in rows)), "white")
+def stack_rows(rows, title=None, title_size=20):
+    """Rows one above the other, left-aligned, under an optional title line (the page widened to show all of it)."""
+    title_font = font(title_size)
+    title_height = title_size + 8 + FRAME if title else 0  # 8: room for the descenders
+    title_width = 2 * FRAME + int(title_font.getlength(title)) if title else 0
+    page = Image.new("RGB", (max([title_width] + [r.width for r in rows]),
+                             title_height + sum(r.height + FRAME for r in rows)), "white")
     if title:
-        ImageDraw.Draw(page).text((FRAME, 4), title, fill=(0, 0, 0), font=font(20))
+        ImageDraw.Draw(page).text((FRAME, 4), title, fill=(0, 0, 0), font=title_font)
     y = title_height
     for row in rows:
         page.paste(row, (0, y))
@@ -77,12 +94,36 @@ def found(predictions, distances):
     return [(rank, p, d) for rank, (p, d) in enumerate(zip(predictions, distances), start=1) if p >= 0]
 
 
-def make_prediction_image(query_index, query_predictions, distances, dataset, size=TILE_SIZE):
-    tiles = [tile(dataset.queries_paths[query_index], f"query {query_index}", GREY, size)]
+def nearest_positive(query_index, dataset):
+    """(database index, distance in metres) of the positive closest to the query, or (None, inf) without one: what
+    a failure should have found."""
+    positives = dataset.get_positives()[query_index]
+    if len(positives) == 0:
+        return None, np.inf
+    distances = np.linalg.norm(dataset.database_utms[positives] - dataset.queries_utms[query_index], axis=1)
+    return int(positives[np.argmin(distances)]), float(distances.min())
+
+
+def row_cells(query_index, query_predictions, distances, dataset, with_nearest_positive=False):
+    """(path or None, caption, colour) of each image of a row: the query, its predictions, optionally its nearest
+    positive. One list for the PNG and the HTML, so both show the same."""
+    cells = [(dataset.queries_paths[query_index], f"query {query_index}", GREY)]
     for rank, prediction, distance in found(query_predictions, distances):
         correct = distance <= dataset.positive_dist_threshold
-        tiles.append(tile(dataset.database_paths[prediction], f"#{rank}  {distance:.0f} m", GREEN if correct else RED,
-                          size))
+        cells.append((dataset.database_paths[prediction], f"#{rank}  {distance:.0f} m", GREEN if correct else RED))
+    if with_nearest_positive:
+        positive, distance = nearest_positive(query_index, dataset)
+        cells.append((None, "nearest positive: none", BLUE) if positive is None else
+                     (dataset.database_paths[positive], f"nearest positive, {distance:.0f} m", BLUE))
+    return cells
+
+
+def make_prediction_image(query_index, query_predictions, distances, dataset, size=TILE_SIZE,
+                          with_nearest_positive=False):
+    tiles = [tile(path, caption, color, size) for path, caption, color
+             in row_cells(query_index, query_predictions, distances, dataset, with_nearest_positive)]
+    if with_nearest_positive:  # a wider gap: the nearest positive is no prediction
+        tiles.insert(-1, Image.new("RGB", (2 * FRAME, 1), "white"))
     return row_image(tiles)
 
 
@@ -128,52 +169,115 @@ def failures_and_successes(top1_distances, threshold, num_failures, num_successe
     return failures, right[picked]
 
 
-def summary_html(sections, dataset, predictions, distances, html_folder):
-    """A static page: one table row per query, its images linked relatively to html_folder."""
-    def cell(path, caption, color):
-        source = html.escape(os.path.relpath(os.path.abspath(path), os.path.abspath(html_folder)))
-        return (f'<td style="border:4px solid rgb{color}"><a href="{source}"><img src="{source}" height="128"></a>'
+def thumbnail(path, folder, name):
+    """name in folder: a copy of the image at most THUMBNAIL_SIZE pixels wide and high, for the HTML page."""
+    image = load_pil_image(path)
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    image.save(os.path.join(folder, name), quality=90)
+    return name
+
+
+def summary_html(sections, dataset, predictions, distances, html_folder, title):
+    """A static page: one table row per query, with its own thumbnails in html_folder/THUMBNAILS_FOLDER, linked
+    relatively, so that the page still shows them once moved or copied elsewhere."""
+    thumbnails = os.path.join(html_folder, THUMBNAILS_FOLDER)
+    os.makedirs(thumbnails, exist_ok=True)
+
+    def cell(path, caption, color, name):
+        style = f"border:4px solid rgb{color};vertical-align:top"
+        if path is None:
+            return f'<td style="{style}">{html.escape(NO_POSITIVE)}</td>'
+        source = html.escape(f"{THUMBNAILS_FOLDER}/{thumbnail(path, thumbnails, name)}")
+        return (f'<td style="{style}"><img src="{source}" height="128" title="{html.escape(os.path.basename(path))}">'
                 f'<br>{html.escape(caption)}</td>')
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(dataset.dataset_name)} predictions"
-             f"</title></head><body style='font-family:sans-serif'><h1>{html.escape(str(dataset))}</h1>"
-             f"<p>Green: within {dataset.positive_dist_threshold:g} m of the query; red: farther.</p>"]
-    for title, indices in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2><table>")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+             f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>"
+             f"<p>Green: within {dataset.positive_dist_threshold:g} m of the query; red: farther; blue: the database "
+             f"image within {dataset.positive_dist_threshold:g} m closest to a failed query (what it should have "
+             f"found).</p>"]
+    for section_title, indices, with_nearest_positive in sections:
+        parts.append(f"<h2>{html.escape(section_title)}</h2><table>")
         for query_index in indices:
-            cells = [cell(dataset.queries_paths[query_index], f"query {query_index}", GREY)]
-            for rank, prediction, distance in found(predictions[query_index], distances[query_index]):
-                color = GREEN if distance <= dataset.positive_dist_threshold else RED
-                cells.append(cell(dataset.database_paths[prediction], f"#{rank} {distance:.0f} m", color))
-            parts.append("<tr>" + "".join(cells) + "</tr>")
+            cells = row_cells(query_index, predictions[query_index], distances[query_index], dataset,
+                              with_nearest_positive)
+            parts.append("<tr>" + "".join(cell(path, caption, color, f"{query_index:05d}_{column}.jpg")
+                                          for column, (path, caption, color) in enumerate(cells)) + "</tr>")
         parts.append("</table>" if len(indices) else "</table><p>none</p>")
     return "".join(parts) + "</body></html>\n"
 
 
-def save_summary_page(predictions, dataset, output_folder, num_preds, num_failures=10, num_successes=5):
-    """summary.png and summary.html in output_folder: the worst failures (top-1 farthest from the query) and some
-    successes, each query next to its top num_preds predictions."""
+def save_summary_page(predictions, dataset, output_folder, num_preds, num_failures=10, num_successes=5, title=None):
+    """summary.png and summary.html in output_folder, titled title (default the test set's name): the worst
+    failures (top-1 farthest from the query), each with its nearest positive, and some successes, each query next
+    to its top num_preds predictions."""
+    title = dataset.dataset_name if title is None else title
     predictions = np.asarray(predictions)[:, :num_preds]
     distances = prediction_distances(predictions, dataset)
     failures, successes = failures_and_successes(distances[:, 0], dataset.positive_dist_threshold, num_failures,
                                                  num_successes)
-    sections = [(f"Worst failures ({len(failures)}): the queries whose top-1 is farthest", failures),
+    sections = [(f"Worst failures ({len(failures)}): the queries whose top-1 is farthest; blue: their nearest "
+                 f"positive", failures, True),
                 (f"Successes ({len(successes)}): queries whose top-1 is within {dataset.positive_dist_threshold:g} m",
-                 successes)]
-    pages = [stack_rows([make_prediction_image(q, predictions[q], distances[q], dataset, SUMMARY_TILE_SIZE)
-                         for q in indices], title) for title, indices in sections if len(indices)]
+                 successes, False)]
+    pages = [stack_rows([make_prediction_image(q, predictions[q], distances[q], dataset, SUMMARY_TILE_SIZE,
+                                               with_nearest_positive) for q in indices], section_title)
+             for section_title, indices, with_nearest_positive in sections if len(indices)]
     os.makedirs(output_folder, exist_ok=True)
     png_path, html_path = os.path.join(output_folder, "summary.png"), os.path.join(output_folder, "summary.html")
-    stack_rows(pages, str(dataset)).save(png_path)
+    stack_rows(pages, title, title_size=26).save(png_path)
     with open(html_path, "w") as file:
-        file.write(summary_html(sections, dataset, predictions, distances, output_folder))
+        file.write(summary_html(sections, dataset, predictions, distances, output_folder, title))
     return png_path, html_path
 
 
-def save_predictions_report(predictions, dataset, output_folder, num_preds_to_save=0, save_only_wrong_preds=False):
+def save_predictions_report(predictions, dataset, output_folder, num_preds_to_save=0, save_only_wrong_preds=False,
+                            title=None):
     """What eval.py and train.py keep of a test: always output_folder/predictions.csv; with num_preds_to_save > 0
-    also the per-query pictures (preds/) and the summary page."""
+    also the per-query pictures (preds/) and the summary page, titled title (default the test set's name)."""
     os.makedirs(output_folder, exist_ok=True)
     save_predictions_csv(predictions, dataset, os.path.join(output_folder, "predictions.csv"))
     if num_preds_to_save:
         save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds)
-        save_summary_page(predictions, dataset, output_folder, num_preds_to_save)
+        save_summary_page(predictions, dataset, output_folder, num_preds_to_save, title=title)
+
+
+def to_pil_images(images):
+    """[B, 3, H, W] batch, uint8 or float in [0, 1], on any device -> B PIL images."""
+    images = images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(image) for image in images.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def labelled_row(label, images, label_width):
+    """A row of images after a label column of label_width pixels."""
+    row = row_image(images)
+    canvas = Image.new("RGB", (label_width + row.width + FRAME, row.height), "white")
+    ImageDraw.Draw(canvas).multiline_text((FRAME, FRAME), label, fill=(0, 0, 0), font=font(18))
+    canvas.paste(row, (label_width, 0))
+    return canvas
+
+
+def save_augmentations_preview(images, augmentation_specs, args, path):
+    """path: a PNG of the images (uint8 batch [B, 3, H, W], on the device to augment on), one labelled row per
+    augmentation of augmentation_specs ("name" or "name:strength"), each alone on the same images, then one row
+    with the whole chain, as training applies it: what each one does and what they do together. args holds the
+    augmentations' flags (brightness, contrast, saturation, hue, random_resized_crop, image_size). Random
+    parameters come from torch's global RNG."""
+    from augmentations import TrainAugmentation  # here: eval.py and geolocalize.py need no kornia to start
+    rows = [("original", images)]
+    rows += [(spec, TrainAugmentation([spec], args).to(images.device).augment(images)) for spec in augmentation_specs]
+    if len(augmentation_specs) > 1:
+        chain = TrainAugmentation(augmentation_specs, args).to(images.device).augment(images)
+        rows.append(("all, in order:\n" + "\n".join(augmentation_specs), chain))
+    label_width = 2 * FRAME + max(int(font(18).getlength(line)) for label, _ in rows for line in label.split("\n"))
+    page = stack_rows([labelled_row(label, to_pil_images(batch), label_width) for label, batch in rows])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    page.save(path)
+    return path
+
+
+def preview_images(folder, num_images, image_size):
+    """num_images images spread evenly over the images of folder (its train/ when it has one), image_size square."""
+    train_folder = os.path.join(folder, "train")
+    paths = find_images(train_folder if os.path.isdir(train_folder) else folder)
+    paths = [paths[i * len(paths) // num_images] for i in range(min(num_images, len(paths)))]
+    return torch.stack([load_image_tensor(path, image_size) for path in paths])

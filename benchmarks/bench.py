@@ -44,9 +44,12 @@ if REPO_ROOT not in sys.path:
 import augmentations  # noqa: E402
 import commons  # noqa: E402
 import cosface_loss  # noqa: E402
+import faiss_indexes
 import parser  # noqa: E402
 import test  # noqa: E402
-from datasets.image_loading import IMAGENET_MEAN, IMAGENET_STD, collate_images, images_to_device  # noqa: E402
+from core import files  # noqa: E402
+from datasets.image_loading import collate_images, images_to_device  # noqa: E402
+from datasets.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from datasets.synthetic import generate_dataset  # noqa: E402
 from datasets.test_dataset import TestDataset  # noqa: E402
 from datasets.train_dataset import ClassBatchSampler, TrainDataset, load_groups  # noqa: E402
@@ -175,7 +178,7 @@ def project_args(config, image_size):
             "--batch_size", str(config.batch_size), "--num_workers", str(config.num_workers), "--groups_num", "1",
             "--min_images_per_class", str(IMAGES_PER_PLACE), "--device", config.device,
             "--cache_folder", os.path.join(config.data, "cache"), "--amp", config.amp]
-    args = parser.parse_arguments(is_training=True, argv=argv)
+    args = parser.parse_arguments("train", argv=argv)
     args.device = commons.resolve_device(args.device)
     return args
 
@@ -265,7 +268,7 @@ def case_eval(pipeline, config):
         test.compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.amp,
                                  args.channels_last, indices=[*warmup_database, *warmup_queries])
         extract = lambda: test.dataset_descriptors(args, dataset, model)
-        retrieve = lambda d: test.compute_recalls(test.knn_search(d[:dataset.database_num], d[dataset.database_num:],
+        retrieve = lambda d: test.compute_recalls(faiss_indexes.knn_search(d[:dataset.database_num], d[dataset.database_num:],
                                                                   max(args.recall_values)),
                                                   positives, args.recall_values)
     synchronize(args.device)  # after a warm-up (cuDNN autotuning, first allocations) on a batch and a query
@@ -286,7 +289,7 @@ def case_eval(pipeline, config):
 
 
 def case_retrieval(config):
-    """Exact against ivfpq and hnsw (test.build_index, default flags) on clustered random descriptors."""
+    """Exact against ivfpq and hnsw (faiss_indexes.build_index, default flags) on clustered random descriptors."""
     rng = np.random.default_rng(0)
     dimension, clusters = 512, max(1, config.retrieval_database // 20)
     centers = rng.normal(size=(clusters, dimension)).astype(np.float32)
@@ -296,18 +299,18 @@ def case_retrieval(config):
     queries = queries + 0.3 * rng.normal(size=queries.shape).astype(np.float32)
     database /= np.linalg.norm(database, axis=1, keepdims=True)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    defaults = test.index_options(parser.parse_arguments(is_training=False, argv=["--test_set_folder", "-"]))
+    defaults = faiss_indexes.index_options(parser.parse_arguments("eval", argv=["--test_set_folder", "-"]))
     indexes, exact_top1 = {}, None
-    for kind in test.FAISS_INDEXES:
+    for kind in faiss_indexes.FAISS_INDEXES:
         start_time = time.perf_counter()
-        index = test.build_index(database, **{**defaults, "kind": kind})
+        index = faiss_indexes.build_index(database, **{**defaults, "kind": kind})
         build_time = time.perf_counter() - start_time
         start_time = time.perf_counter()
-        predictions = test.search(index, queries, 10)
+        predictions = faiss_indexes.search(index, queries, 10)
         search_time = time.perf_counter() - start_time
         exact_top1 = predictions[:, 0] if exact_top1 is None else exact_top1
         indexes[kind] = {"ms_per_query": search_time / len(queries) * 1000, "build_s": build_time,
-                         "index_mb": test.index_megabytes(index),
+                         "index_mb": faiss_indexes.index_megabytes(index),
                          "top1_as_exact_percent": float(np.mean(predictions[:, 0] == exact_top1) * 100)}
     return {"indexes": indexes}
 
@@ -452,7 +455,7 @@ def main():
     output = table(results, config, pipelines)
     print(f"\n{machine_description(config.device)}\n{output}")
     if config.out:
-        commons.atomic_json_dump({"machine": machine_description(config.device), "config": vars(config),
+        files.atomic_json_dump({"machine": machine_description(config.device), "config": vars(config),
                                   "results": results, "table": output}, config.out)
 
 

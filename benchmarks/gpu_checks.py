@@ -25,6 +25,7 @@ import cosface_loss  # noqa: E402
 import parser  # noqa: E402
 import test  # noqa: E402
 from benchmarks.bench import synchronize  # noqa: E402
+from core import files  # noqa: E402
 from datasets.dataset_utils import find_images  # noqa: E402
 from datasets.image_loading import collate_images, images_to_device, load_encoded_image, load_image_tensor  # noqa: E402
 from datasets.synthetic import generate_dataset  # noqa: E402
@@ -36,7 +37,7 @@ class Skipped(Exception):
 
 
 def project_args(device, image_size=128):
-    args = parser.parse_arguments(is_training=True, argv=["--dataset_folder", "-", "--pretrained", "none",
+    args = parser.parse_arguments("train", argv=["--dataset_folder", "-", "--pretrained", "none",
                                                           "--image_size", str(image_size), "--device", device])
     return args
 
@@ -154,7 +155,7 @@ def main():
     for row in rows:
         print(f"{row['check']:<32} {row['status']:<8} {row['detail']}")
     if config.out:
-        commons.atomic_json_dump({"device": device, "checks": rows}, config.out)
+        files.atomic_json_dump({"device": device, "checks": rows}, config.out)
     return 1 if any(row["status"] == "FAIL" for row in rows) else 0
 
 

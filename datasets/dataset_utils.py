@@ -11,12 +11,14 @@ from glob import glob
 
 import numpy as np
 
+from core.errors import UserError
+
 EXPECTED_FORMAT = "@utm_east@utm_north@zone@letter@lat@lon@pano_id@tile@heading@pitch@roll@height@yyyymm@note@.jpg"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 QUERY_FOLDER_NAMES = ("queries", "queries_v1")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A problem with the user's dataset, with a message that says what to fix."""
 
 
@@ -32,14 +34,20 @@ class ImageMetadata:
     date: str = ""
 
 
-def parse_image_name(path):
+def parse_image_name(path, need_heading=False):
     """Reads UTM east/north and heading from a file name; raises DatasetError naming the file otherwise.
 
-    A missing heading (empty field 9, as in database images of some datasets) counts as 0.
+    Only training classes need the heading (need_heading=True): there a name too short to have field 9 is an
+    error, as heading 0 would silently put the image in the wrong class. Test sets and geo-localization only use
+    fields 1 and 2, so there such a short name is accepted, with heading 0. An empty field 9 (database images of
+    some datasets) counts as 0 in both cases.
     """
     fields = os.path.basename(path).split("@")
     if len(fields) < 3:
         raise DatasetError(f"{path}: file name does not follow the '@' format, expected {EXPECTED_FORMAT}")
+    if need_heading and len(fields) < 10:
+        raise DatasetError(f"{path}: file name has {len(fields) - 1} '@' fields, too few for the heading (field 9) "
+                           f"that training classes need, expected {EXPECTED_FORMAT}")
     try:
         utm_east, utm_north = float(fields[1]), float(fields[2])
         heading = float(fields[9]) if len(fields) > 9 and fields[9] != "" else 0.0
@@ -82,15 +90,15 @@ def find_queries_folder(dataset_folder):
     raise DatasetError(f"{dataset_folder} has no queries folder: expected one of {', '.join(QUERY_FOLDER_NAMES)}")
 
 
-def read_utms(paths, on_bad_name="error"):
-    """Returns (kept_paths, utms[N,2], headings[N]) parsed from file names.
+def read_utms(paths, on_bad_name="error", need_heading=False):
+    """Returns (kept_paths, utms[N,2], headings[N]) parsed from file names (need_heading: see parse_image_name).
 
     on_bad_name='skip' drops files whose name does not parse and logs how many; 'error' raises on the first.
     """
     kept, utms, headings, bad = [], [], [], []
     for path in paths:
         try:
-            metadata = parse_image_name(path)
+            metadata = parse_image_name(path, need_heading)
         except DatasetError:
             if on_bad_name == "error":
                 raise

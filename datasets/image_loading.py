@@ -5,36 +5,89 @@ batched on the model's device (see augmentations.py), so the loader workers only
 With --decode_on_gpu the workers do not even decode: they read the JPEG files' bytes (load_encoded_image),
 collate_images keeps them as a list, and images_to_device decodes the whole batch at once on the GPU
 (nvJPEG through torchvision) and resizes it there.
+Every path applies the EXIF orientation (phone photos are often stored sideways with Orientation 6) and scales
+16-bit images to 8 bits, so training, test sets, geolocalize.py and make_dataset.py see the same pixels.
 """
 
+import io
 from collections import defaultdict
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import default_collate
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from core.errors import UserError
+from datasets.normalization import normalize
+
+RESIZE_MODES = ("shorter_side", "square")
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
+# Modes of more than 8 bits per pixel, whose convert("RGB") clips every value above 255 to white
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-class ImageLoadError(OSError):
+class ImageLoadError(UserError, OSError):
     """An image file that cannot be decoded, with the file name in the message."""
 
 
-def load_pil_image(path, size=None):
-    """Opens an RGB image; with size=(w, h), JPEGs are decoded at a reduced scale (Pillow draft mode),
-    never below the target size, then resized. This is several times faster than decoding at full size."""
+def target_size(original_size, size, resize="square"):
+    """(w, h) that an image of original_size (w, h) is resized to. size None keeps the original size, a (w, h)
+    pair is used as is, an int gives size x size with resize='square', or with resize='shorter_side' a shorter
+    side of size and the aspect ratio kept, rounded down as torchvision's Resize(int) (upstream's test resize)."""
+    if size is None:
+        return tuple(original_size)
+    if not isinstance(size, int):
+        return tuple(size)
+    if resize == "square":
+        return size, size
+    if resize != "shorter_side":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
+    width, height = original_size
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def exif_orientation(image):
+    """EXIF orientation (1: upright, 2-8: flipped and/or turned) of an opened image, from what Pillow read at
+    opening, without decoding the pixels. A PNG's EXIF is only known before decoding when its eXIf chunk precedes
+    the pixels (Pillow's getexif would decode the whole image to look further): a PNG without one counts as upright
+    here (exif_transpose still turns it when loaded, but image_size_of and the target size ignore it)."""
+    if image.format == "PNG" and "exif" not in image.info and "Raw profile type exif" not in image.info:
+        return 1
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def to_rgb(image):
+    """RGB with 8 bits per channel. 16-bit modes are scaled by 1/257 and rounded (65535 -> 255); 'I' (32-bit
+    integers) and 'F' (floats) are taken on the same 16-bit scale, because that is what they hold when Pillow
+    opens a 16-bit PNG as 'I' (older Pillow) or a user converts one; values outside 0..65535 are clipped."""
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def load_pil_image(path, size=None, resize="square"):
+    """Opens an image as 8-bit RGB, upright as its EXIF orientation says. With size (see target_size), JPEGs
+    are decoded at a reduced scale (Pillow draft mode), never below the target size, then resized: this is
+    several times faster than decoding at full size. The target size is computed on the upright image, and
+    asked of draft mode in the stored (possibly sideways) frame."""
     try:
         image = Image.open(path)
-        if size is not None and image.format == "JPEG":
-            image.draft("RGB", size)
-        image = image.convert("RGB")
-        if size is not None and image.size != tuple(size):
-            image = image.resize(tuple(size), Image.BILINEAR)
+        if size is not None:
+            sideways = exif_orientation(image) in SWAPPING_ORIENTATIONS
+            size = target_size(image.size[::-1] if sideways else image.size, size, resize)
+            if image.format == "JPEG":
+                image.draft("RGB", size[::-1] if sideways else size)
+        ImageOps.exif_transpose(image, in_place=True)
+        image = to_rgb(image)
+        if size is not None and image.size != size:
+            image = image.resize(size, Image.BILINEAR)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{path}: cannot be read as an image ({e}); "
                              f"remove it, or use --on_bad_image skip to skip such files") from e
@@ -45,30 +98,17 @@ def pil_to_uint8_tensor(image):
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def load_image_tensor(path, size=None):
-    """uint8 tensor [3, H, W]; size is an int (square) or (w, h) or None (original size)."""
-    if isinstance(size, int):
-        size = (size, size)
-    return pil_to_uint8_tensor(load_pil_image(path, size))
-
-
-def normalize(images, out=None):
-    """uint8 or [0, 1] float batch -> ImageNet-normalised float batch, on the batch's device, as
-    images * scale - shift: on the CPU each pass over a batch counts. With out, written there (a slice of a
-    larger batch)."""
-    dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-    if images.dtype == torch.uint8:
-        return torch.mul(images, 1 / (255 * std), out=out).sub_(mean / std)
-    return torch.mul(images, 1 / std, out=out).sub_(mean / std)  # 1.5x faster than addcmul's broadcasting
+def load_image_tensor(path, size=None, resize="square"):
+    """uint8 tensor [3, H, W] of load_pil_image; size is an int (resized as resize says), (w, h) or None."""
+    return pil_to_uint8_tensor(load_pil_image(path, size, resize))
 
 
 def image_size_of(path):
-    """(width, height) read from the file header, without decoding the pixels."""
+    """(width, height) of the upright image (EXIF orientation applied), read from the file header without
+    decoding the pixels (see exif_orientation for PNGs)."""
     try:
         with Image.open(path) as image:
-            return image.size
+            return image.size[::-1] if exif_orientation(image) in SWAPPING_ORIENTATIONS else image.size
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageLoadError(f"{path}: cannot be read as an image ({e})") from e
 
@@ -95,15 +135,28 @@ class EncodedImages(NamedTuple):
     paths: list
 
 
-def load_encoded_image(path, size=None):
-    """The --decode_on_gpu counterpart of load_image_tensor: the file's bytes when it is a JPEG, decoded by
-    images_to_device; other formats (PNG) are decoded here, at the requested size."""
+def is_upright_jpeg(data):
+    """Whether the bytes are a JPEG without EXIF orientation to apply: nvJPEG ignores the orientation (torchvision
+    applies it only on the CPU), so the others are decoded by the loader worker. Bytes whose header Pillow cannot
+    read are left to decode_jpegs, which names the file."""
+    if bytes(data[:3].numpy()) != JPEG_MAGIC:
+        return False
+    try:
+        with Image.open(io.BytesIO(data.numpy())) as image:
+            return exif_orientation(image) == 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return True
+
+
+def load_encoded_image(path, size=None, resize="square"):
+    """The --decode_on_gpu counterpart of load_image_tensor: the file's bytes when it is an upright JPEG, decoded
+    by images_to_device; other images (PNG, turned JPEGs) are decoded here, at the requested size."""
     try:
         data = torchvision.io.read_file(path)
     except (OSError, RuntimeError) as e:
         raise ImageLoadError(f"{path}: cannot be read ({e})") from e
-    if bytes(data[:3].numpy()) != JPEG_MAGIC:
-        return EncodedImage(load_image_tensor(path, size), path)
+    if not is_upright_jpeg(data):
+        return EncodedImage(load_image_tensor(path, size, resize), path)
     return EncodedImage(data, path)
 
 
@@ -134,10 +187,10 @@ def decode_jpegs(data, paths, device):
         raise
 
 
-def images_to_device(images, size, device):
+def images_to_device(images, size, device, resize="square"):
     """A batch from a loader with collate_images -> uint8 [B, 3, H, W] on device. A tensor batch is copied;
-    EncodedImages are decoded on the device, then resized to size x size (antialiased bilinear, as Pillow's)
-    when size is given; without size the images must already have the same size (test.batches_by_size)."""
+    EncodedImages are decoded on the device, then resized to target_size(size, resize) (antialiased bilinear, as
+    Pillow's) when size is given; the resized images must have the same size (batches_by_size)."""
     if not isinstance(images, EncodedImages):
         return images.to(device, non_blocking=True)
     decoded = [data if shape is None else data.view(shape)
@@ -149,10 +202,12 @@ def images_to_device(images, size, device):
     if size is not None:  # one batched resize per original size (usually one for a whole dataset)
         positions_by_shape = defaultdict(list)
         for i, image in enumerate(decoded):
-            positions_by_shape[tuple(image.shape)].append(i)
-        for shape, positions in positions_by_shape.items():
-            if shape[-2:] != (size, size):
-                resized = TF.resize(torch.stack([decoded[i] for i in positions]), [size, size], antialias=True)
+            positions_by_shape[tuple(image.shape[-2:])].append(i)
+        for (height, width), positions in positions_by_shape.items():
+            new_width, new_height = target_size((width, height), size, resize)
+            if (new_height, new_width) != (height, width):
+                resized = TF.resize(torch.stack([decoded[i] for i in positions]), [new_height, new_width],
+                                    antialias=True)
                 for i, image in zip(positions, resized):
                     decoded[i] = image
     return torch.stack(decoded)
@@ -160,16 +215,50 @@ def images_to_device(images, size, device):
 
 class ImageListDataset(torch.utils.data.Dataset):
     """The images of a list of paths, items (uint8 image, index): what test.compute_descriptors reads
-    (images_paths, image_size, dataset_name). With decode_on_gpu the items are the JPEG bytes, decoded by
+    (images_paths, image_size, test_resize, dataset_name). An int image_size resizes the shorter side to it
+    keeping the aspect ratio (test_resize='shorter_side', upstream's --resize_test_imgs) or to a square
+    ('square'); None keeps each image's size. With decode_on_gpu the items are the JPEG bytes, decoded by
     images_to_device."""
 
-    def __init__(self, paths, image_size=None, decode_on_gpu=False, name="images"):
+    def __init__(self, paths, image_size=None, decode_on_gpu=False, name="images", test_resize="shorter_side"):
         super().__init__()
+        if test_resize not in RESIZE_MODES:  # here, not in a loader worker where it would look like a bad image
+            raise ValueError(f"test_resize must be one of {RESIZE_MODES}, not {test_resize!r}")
         self.images_paths, self.image_size, self.dataset_name = list(paths), image_size, name
+        self.test_resize = test_resize
         self.load_image = load_encoded_image if decode_on_gpu else load_image_tensor
 
     def __getitem__(self, index):
-        return self.load_image(self.images_paths[index], self.image_size), index
+        return self.load_image(self.images_paths[index], self.image_size, self.test_resize), index
 
     def __len__(self):
         return len(self.images_paths)
+
+    def output_size(self, index):
+        """(w, h) of item index, from the file header unless every item has the same size."""
+        if isinstance(self.image_size, int) and self.test_resize == "square":
+            return self.image_size, self.image_size
+        return target_size(image_size_of(self.images_paths[index]), self.image_size, self.test_resize)
+
+
+#### Inference batching (test sets, AdaBN, geolocalize.py)
+
+def batches_by_size(dataset, indices, batch_size):
+    """Batches of indices of an ImageListDataset whose items have the same size once resized, so images of
+    different sizes never force a batch size of 1 (upstream's slowest step)."""
+    buckets = defaultdict(list)
+    for index in indices:
+        buckets[dataset.output_size(index)].append(index)
+    return [bucket[start: start + batch_size] for bucket in buckets.values()
+            for start in range(0, len(bucket), batch_size)]
+
+
+def normalized_batches(dataset, device, batch_size=16, num_workers=0, indices=None, description="images"):
+    """(ImageNet-normalised images on device, their indices) of the dataset's items at indices (all by
+    default), batched by size (batches_by_size), with a progress bar."""
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_by_size(dataset, indices, batch_size),
+                                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
+                                         collate_fn=collate_images)
+    for images, batch_indices in tqdm(loader, ncols=100, desc=description, leave=False):
+        yield normalize(images_to_device(images, dataset.image_size, device, dataset.test_resize)), batch_indices

@@ -10,11 +10,13 @@ from datasets.image_loading import ImageListDataset
 
 
 class TestDataset(ImageListDataset):
-    """Items 0..database_num-1 are database images, then the queries. Returns (uint8 image, index)."""
+    """Items 0..database_num-1 are database images, then the queries. Returns (uint8 image, index), resized as
+    image_size and test_resize say (ImageListDataset). Only UTM east/north of the names are read, so names too
+    short to have a heading are accepted (dataset_utils.parse_image_name)."""
     __test__ = False  # a dataset, not a pytest test class
 
     def __init__(self, dataset_folder, positive_dist_threshold=25, image_size=None, on_bad_name="error",
-                 image_check=None, decode_on_gpu=False):
+                 image_check=None, decode_on_gpu=False, test_resize="shorter_side"):
         self.dataset_folder = dataset_folder
         database_folder = os.path.join(dataset_folder, "database")
         if not os.path.isdir(database_folder):
@@ -23,7 +25,7 @@ class TestDataset(ImageListDataset):
         self.database_paths, self.database_utms, _ = read_utms(find_images(database_folder, image_check), on_bad_name)
         self.queries_paths, self.queries_utms, _ = read_utms(find_images(queries_folder, image_check), on_bad_name)
         super().__init__(self.database_paths + self.queries_paths, image_size, decode_on_gpu,
-                         name=os.path.basename(os.path.normpath(dataset_folder)))
+                         name=os.path.basename(os.path.normpath(dataset_folder)), test_resize=test_resize)
         self.database_num, self.queries_num = len(self.database_paths), len(self.queries_paths)
         self.positive_dist_threshold = positive_dist_threshold
         # A KD-tree over the database positions: positives of every query in O(log n) each

@@ -5,15 +5,19 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import zipfile
 from collections import defaultdict
 
 import numpy as np
 import torch
 
 from datasets.dataset_utils import DatasetError, find_images, read_utms
-from datasets.image_loading import ImageLoadError, load_encoded_image, load_image_tensor
+from core.files import atomic_torch_save
+from datasets.image_loading import ImageLoadError, collate_images, load_encoded_image, load_image_tensor
 
 CACHE_VERSION = 1
+GROUPS_ORDERS = ("upstream", "size")
 
 
 def get_class_id_and_group_id(utm_east, utm_north, heading, M, alpha, N, L):
@@ -29,58 +33,72 @@ def get_class_id_and_group_id(utm_east, utm_north, heading, M, alpha, N, L):
     return class_id, group_id
 
 
-def compute_groups(paths, utms, headings, M, alpha, N, L, min_images_per_class):
-    """Returns a list of groups, largest first; each group is a list of classes, each class a list of paths."""
+def compute_groups(paths, utms, headings, M, alpha, N, L, min_images_per_class, groups_order="upstream"):
+    """Returns a list of groups; each group is a list of classes (sorted by class id), each class a list of paths.
+
+    groups_order='upstream' keeps CosPlace's order, in which training uses the first --groups_num groups: the
+    order in which the groups first appear in the file list (sorted paths) among the images of kept classes.
+    'size' puts the groups with the most classes first (ties by group id).
+    """
+    if groups_order not in GROUPS_ORDERS:
+        raise ValueError(f"groups_order must be one of {GROUPS_ORDERS}, not {groups_order!r}")
+    ids = [get_class_id_and_group_id(east, north, heading, M, alpha, N, L)
+           for (east, north), heading in zip(utms, headings)]
     images_per_class = defaultdict(list)
-    classes_per_group = defaultdict(set)
-    for path, (east, north), heading in zip(paths, utms, headings):
-        class_id, group_id = get_class_id_and_group_id(east, north, heading, M, alpha, N, L)
+    for path, (class_id, _) in zip(paths, ids):
         images_per_class[class_id].append(path)
-        classes_per_group[group_id].add(class_id)
     kept_classes = {c for c, images in images_per_class.items() if len(images) >= min_images_per_class}
-    groups = []
-    for group_id in sorted(classes_per_group):
-        classes = sorted(c for c in classes_per_group[group_id] if c in kept_classes)
-        if classes:
-            groups.append([images_per_class[c] for c in classes])
-    # Stable sort by size: ties keep the order of the group ids, so the result is deterministic
-    return sorted(groups, key=len, reverse=True)
+    classes_per_group = {}  # insertion order: as upstream, the first image of a kept class places its group
+    for class_id, group_id in ids:
+        if class_id in kept_classes:
+            classes_per_group.setdefault(group_id, set()).add(class_id)
+    group_ids = list(classes_per_group)
+    if groups_order == "size":
+        group_ids.sort(key=lambda g: (-len(classes_per_group[g]), g))
+    return [[images_per_class[c] for c in sorted(classes_per_group[g])] for g in group_ids]
 
 
-def cache_key(folder, paths, M, alpha, N, L, min_images_per_class):
-    """A hash of everything the groups depend on: the dataset's absolute path, the parameters, the file list."""
+def cache_key(folder, paths, M, alpha, N, L, min_images_per_class, groups_order="upstream"):
+    """A hash of everything the groups depend on: the dataset's absolute path, the parameters (the order of the
+    groups included), the file list."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_VERSION, os.path.abspath(folder), M, alpha, N, L, min_images_per_class]).encode())
+    digest.update(json.dumps([CACHE_VERSION, os.path.abspath(folder), M, alpha, N, L, min_images_per_class,
+                              groups_order]).encode())
     for path in paths:
         digest.update(path.encode() + b"\0")
     return digest.hexdigest()[:24]
 
 
 def load_groups(folder, M, alpha, N, L, min_images_per_class, cache_folder="cache", on_bad_name="error",
-                image_check=None):
-    """Computes the groups of a training folder, or reads them from an on-disk cache that cannot be stale.
-    Images that image_check leaves out (--check_images) are not in the file list, so not in any class."""
+                image_check=None, groups_order="upstream"):
+    """Computes the groups of a training folder in groups_order (see compute_groups), or reads them from an
+    on-disk cache that cannot be stale. Images that image_check leaves out (--check_images) are not in the file
+    list, so not in any class; names without a heading field are bad names (on_bad_name)."""
     paths = find_images(folder, image_check)
-    key = cache_key(folder, paths, M, alpha, N, L, min_images_per_class)
+    key = cache_key(folder, paths, M, alpha, N, L, min_images_per_class, groups_order)
     cache_path = os.path.join(cache_folder, f"groups_{os.path.basename(os.path.normpath(folder))}_{key}.pt")
     if os.path.exists(cache_path):
         logging.debug(f"Loading the classes from the cache {cache_path}")
-        relative_groups = torch.load(cache_path, weights_only=False)
-        return [[[os.path.join(folder, p) for p in c] for c in g] for g in relative_groups]
+        try:
+            relative_groups = torch.load(cache_path, weights_only=False)
+            return [[[os.path.join(folder, p) for p in c] for c in g] for g in relative_groups]
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, TypeError) as error:
+            logging.warning(f"The class cache {cache_path} cannot be read ({type(error).__name__}: {error}): "
+                            f"computing the classes again")
     logging.info(f"Computing the classes of {folder} ({len(paths)} images, M={M}, alpha={alpha}, N={N}, L={L})")
-    kept_paths, utms, headings = read_utms(paths, on_bad_name)
-    groups = compute_groups(kept_paths, utms, headings, M, alpha, N, L, min_images_per_class)
+    kept_paths, utms, headings = read_utms(paths, on_bad_name, need_heading=True)
+    groups = compute_groups(kept_paths, utms, headings, M, alpha, N, L, min_images_per_class, groups_order)
     # The cache stores paths relative to the folder, so it stays small and valid if only the key matches
     relative_groups = [[[os.path.relpath(p, folder) for p in c] for c in g] for g in groups]
     os.makedirs(cache_folder, exist_ok=True)
-    from commons import atomic_torch_save  # late import: commons imports torch-heavy modules
     atomic_torch_save(relative_groups, cache_path)
     return groups
 
 
-def check_groups(groups, groups_num, min_images_per_class, folder, batch_size):
+def check_groups(groups, groups_num, min_images_per_class, folder, batch_size, groups_order="upstream"):
     """Clear errors for the ways a training set can be too small for the requested recipe, found before
-    training starts (a group too small for the batch would otherwise stop the run at its first epoch)."""
+    training starts (a group too small for the batch would otherwise stop the run at its first epoch).
+    groups is in groups_order (load_groups); training uses its first groups_num."""
     if len(groups) == 0:
         raise DatasetError(f"No class of {folder} has at least --min_images_per_class {min_images_per_class} images: "
                            f"lower --min_images_per_class or increase --M / --alpha")
@@ -89,9 +107,11 @@ def check_groups(groups, groups_num, min_images_per_class, folder, batch_size):
                            f"images, but --groups_num is {groups_num}: use --groups_num {len(groups)}")
     smallest = min(len(group) for group in groups[:groups_num])
     if smallest < batch_size:
-        raise DatasetError(f"{folder}: a group used for training has {smallest} classes, fewer than the batch size "
-                           f"{batch_size} (--batch_size x processes): lower --batch_size to at most {smallest}, "
-                           f"or --groups_num, or lower --min_images_per_class")
+        which = f"the {groups_num} largest" if groups_order == "size" else f"the first {groups_num}, upstream order"
+        other_order = "" if groups_order == "size" else ", or use --groups_order size (largest groups first)"
+        raise DatasetError(f"{folder}: a group used for training ({which}) has {smallest} classes, "
+                           f"fewer than the batch size {batch_size} (--batch_size x processes): lower --batch_size "
+                           f"to at most {smallest}, or --groups_num{other_order}, or lower --min_images_per_class")
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -129,6 +149,27 @@ class TrainDataset(torch.utils.data.Dataset):
     @property
     def images_num(self):
         return sum(len(c) for c in self.classes)
+
+    def describe(self, group_num, images_per_epoch):
+        """One log line: the group's classes and images, and how often an epoch of images_per_epoch sees a class."""
+        sizes = [len(c) for c in self.classes]
+        return (f"Group {group_num}: {len(self)} classes, {self.images_num} images, images per class min/mean/max "
+                f"{min(sizes)}/{sum(sizes) / len(sizes):.1f}/{max(sizes)}; each class is seen "
+                f"{images_per_epoch / len(self):.1f} times in an epoch that trains this group")
+
+    def loader(self, batch_size, seed, epoch, start_iteration=0, rank=0, world_size=1, num_workers=0, pin_memory=False):
+        """The DataLoader of an epoch of this group from start_iteration on (ClassBatchSampler's batches)."""
+        sampler = ClassBatchSampler([len(c) for c in self.classes], batch_size, seed, epoch, start_iteration, rank,
+                                    world_size)
+        return torch.utils.data.DataLoader(self, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                                           collate_fn=collate_images, prefetch_factor=4 if num_workers else None,
+                                           generator=torch.Generator().manual_seed(seed))
+
+    def first_batches(self, images_num, batch_size, seed):
+        """The uint8 image batches of at least images_num images that epoch 0 of this seed starts with (the
+        data-dependent initialisation of an aggregator, e.g. NetVLAD's clusters)."""
+        sampler = ClassBatchSampler([len(c) for c in self.classes], batch_size, seed, epoch=0)
+        return [collate_images([self[i] for i in sampler.batch(b)])[0] for b in range(-(-images_num // batch_size))]
 
 
 class ClassBatchSampler(torch.utils.data.Sampler):

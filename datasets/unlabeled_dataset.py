@@ -11,11 +11,14 @@ from datasets.image_loading import ImageListDataset
 
 
 class UnlabeledDataset(ImageListDataset):
-    """All images under a folder (recursively). Items are (uint8 image, index) as TestDataset's, so the
-    same size-bucketed batching (test.batches_by_size) works when image_size is None (original sizes)."""
+    """All images under a folder (recursively). Items are (uint8 image, index) as TestDataset's, resized the
+    same way (test_resize, see ImageListDataset), so the same size-bucketed batching (batches_by_size) works.
+    AdaBN resizes them as the test images; DANN needs test_resize='square', as its batches are stacked with
+    the training images."""
 
-    def __init__(self, folder, image_size=None):
-        super().__init__(find_images(folder), image_size, name=os.path.basename(os.path.normpath(folder)))
+    def __init__(self, folder, image_size=None, test_resize="shorter_side"):
+        super().__init__(find_images(folder), image_size, name=os.path.basename(os.path.normpath(folder)),
+                         test_resize=test_resize)
         self.folder = folder
 
     def __repr__(self):
@@ -36,3 +39,12 @@ class RandomBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         return map(self.batch, itertools.count(self.start_step))
+
+
+def folder_batches(folder, image_size, batch_size, seed, start_step, device, rank=0, num_workers=0):
+    """The endless batches (uint8 images resized to image_size square, indices) of RandomBatchSampler over the images
+    of folder from training step start_step on, loaded for device: DANN's target batches."""
+    dataset = UnlabeledDataset(folder, image_size, test_resize="square")  # stacked as the training images
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=RandomBatchSampler(
+        len(dataset), batch_size, seed, start_step, rank), num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda"))

@@ -17,8 +17,10 @@ import torchvision
 from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
+from core.errors import UserError
 
-class PretrainedWeightsUnavailable(RuntimeError):
+
+class PretrainedWeightsUnavailable(UserError, RuntimeError):
     """Raised with a message telling the user how to get the weights or train without them."""
 
 
@@ -184,7 +186,7 @@ def freeze_stages(backbone, trainable_stages=None, train_all_layers=False):
     elif trainable_stages is None:
         trainable_stages = backbone.default_trainable_stages
     if not 0 <= trainable_stages <= len(stages):
-        raise ValueError(f"--trainable_stages {trainable_stages}: this backbone has {len(stages)} stages "
+        raise BackboneError(f"--trainable_stages {trainable_stages}: this backbone has {len(stages)} stages "
                          f"({', '.join(name for name, _ in stages)})")
     frozen = stages[:len(stages) - trainable_stages]
     for _, parameters in frozen:
@@ -197,17 +199,26 @@ def freeze_stages(backbone, trainable_stages=None, train_all_layers=False):
                  f"{', '.join(name for name, _ in frozen) or 'none'} ({frozen_count:,} of {total_count:,} parameters)")
 
 
+class BackboneError(UserError, ValueError):
+    """A backbone that does not exist, or stages it does not have."""
+
+
+def check_backbone_name(name):
+    """A BackboneError unless name is a BACKBONES key or a timm model (timm/NAME forces timm)."""
+    timm_name = name.removeprefix("timm/")
+    if name not in BACKBONES and not timm.is_model(timm.models.split_model_name_tag(timm_name)[0]):
+        raise BackboneError(f"--backbone {name} is unknown: choose one of {', '.join(BACKBONES)} (torchvision) or a "
+                            f"timm model (python -c \"import timm; print(timm.list_models('*convnext*'))\" lists "
+                            f"them; timm/NAME picks timm's version of a torchvision name)")
+
+
 def get_backbone(name, pretrained="imagenet", train_all_layers=False, trainable_stages=None):
     """The backbone called name (a BACKBONES key, else a timm model; timm/NAME forces timm), with its early
     stages frozen as freeze_stages says."""
+    check_backbone_name(name)
     if name in BACKBONES:
         backbone = BACKBONES[name](name, pretrained)
     else:
-        timm_name = name.removeprefix("timm/")
-        if not timm.is_model(timm.models.split_model_name_tag(timm_name)[0]):
-            raise ValueError(f"Unknown backbone {name}: choose one of {sorted(BACKBONES)} (torchvision) or a timm "
-                             f"model (python -c \"import timm; print(timm.list_models('*convnext*'))\" lists them; "
-                             f"timm/NAME picks timm's version of a torchvision name)")
-        backbone = TimmBackbone(timm_name, pretrained)
+        backbone = TimmBackbone(name.removeprefix("timm/"), pretrained)
     freeze_stages(backbone, trainable_stages, train_all_layers)
     return backbone

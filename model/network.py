@@ -1,9 +1,6 @@
 """The geo-localization network: backbone (feature map) + aggregation (L2-normalised global descriptor)."""
 
 import logging
-import os
-import pickle
-import zipfile
 
 import torch
 from torch import nn
@@ -58,62 +55,27 @@ def frozen_batchnorms(backbone, which):
 
 def build_model(args):
     """The model described by the parsed arguments (one place, so train/eval/geolocalize agree). Weights that a
-    checkpoint (--resume_model, --resume_train) will replace are never fetched: that works offline."""
+    checkpoint (--resume_model, --resume_train) will replace are never fetched: that works offline. The training
+    flags (frozen stages and statistics) are absent from the evaluation scripts: their defaults then."""
     from_checkpoint = getattr(args, "resume_model", None) or getattr(args, "resume_train", None)
     return GeoLocalizationNet(args.backbone, args.fc_output_dim, args.aggregator,
-                              "none" if from_checkpoint else args.pretrained,
-                              args.train_all_layers, args.trainable_stages, options_from_args(args.aggregator, args),
+                              "none" if from_checkpoint else args.pretrained, getattr(args, "train_all_layers", False),
+                              getattr(args, "trainable_stages", None), options_from_args(args.aggregator, args),
                               getattr(args, "freeze_bn_stats", "none"))
 
 
-class CheckpointError(ValueError):
-    """A weights file that is missing, not a checkpoint, or made for another architecture."""
+class ModelWithHead(nn.Module):
+    """Model, the current group's head and the auxiliary losses as one module, so that DDP synchronises the
+    gradients of all. Each auxiliary loss compares the batch's descriptors with the descriptors of its own
+    extra images (made by its extra_images: a second view of the batch for SSL, target images for DANN)."""
 
+    def __init__(self, model, head, auxiliary_losses=()):
+        super().__init__()
+        self.model, self.head = model, head
+        self.auxiliary_losses = nn.ModuleList(auxiliary_losses)
 
-def read_checkpoint(path):
-    """Loads a checkpoint file, or raises CheckpointError saying what is wrong with it."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-
-
-def extract_model_state_dict(checkpoint, path):
-    """Accepts a plain state dict (our best_model.pth, the released CosPlace weights), one of our training
-    checkpoints (key model_state_dict), and DDP state dicts (keys prefixed by 'module.')."""
-    if isinstance(checkpoint, dict) and "model_state_dict" in checkpoint:
-        checkpoint = checkpoint["model_state_dict"]
-    if not isinstance(checkpoint, dict) or not all(isinstance(k, str) for k in checkpoint):
-        raise CheckpointError(f"{path} is not a model checkpoint: expected a state dict")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
-
-
-def state_dict_mismatch(module, state_dict):
-    """Why state_dict cannot be loaded into module: the keys missing or unexpected and the shapes that differ
-    ('' when it fits)."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                    for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    details = []
-    if missing:
-        details.append(f"{len(missing)} keys missing from the checkpoint, e.g. {missing[:4]}")
-    if unexpected:
-        details.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
-    if wrong_shapes:
-        details.append(f"{len(wrong_shapes)} shapes differ, e.g. {wrong_shapes[:3]}")
-    return "; ".join(details)
-
-
-def load_model_weights(model, path, checkpoint=None):
-    """Loads weights into model (from checkpoint if already read from path), with an error naming the keys
-    and shapes that do not match."""
-    state_dict = extract_model_state_dict(read_checkpoint(path) if checkpoint is None else checkpoint, path)
-    mismatch = state_dict_mismatch(model, state_dict)
-    if mismatch:
-        raise CheckpointError(f"{path} does not fit this model (--backbone, --aggregator, --fc_output_dim?): "
-                              + mismatch)
-    model.load_state_dict(state_dict)
+    def forward(self, images, targets, auxiliary_images=()):
+        """The head's logits, and the (weighted) value of each auxiliary loss."""
+        descriptors = self.model(images)
+        return self.head(descriptors, targets), [loss(descriptors, self.model(extra_images), targets)
+                                                 for loss, extra_images in zip(self.auxiliary_losses, auxiliary_images)]

@@ -10,6 +10,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SF_XS_NIGHT_MINI = os.path.join(REPO_ROOT, "..", "shared", "data", "sf_xs_night_mini")
+LITE0_WEIGHTS = os.path.join(REPO_ROOT, "..", "shared", "weights", "efficientnet_lite0_imagenet_timm.pth")
 
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
@@ -32,6 +33,14 @@ def sf_xs_night_mini():
         pytest.skip(f"real-image dataset not found at {os.path.normpath(SF_XS_NIGHT_MINI)} "
                     f"(../shared/data/sf_xs_night_mini beside the checkout): integration test skipped")
     return SF_XS_NIGHT_MINI
+
+
+@pytest.fixture(scope="session")
+def lite0_weights():
+    if not os.path.isfile(LITE0_WEIGHTS):
+        pytest.skip(f"ImageNet weights not found at {os.path.normpath(LITE0_WEIGHTS)} "
+                    f"(../shared/weights beside the checkout): fine-tuning test skipped")
+    return LITE0_WEIGHTS
 
 
 def run_script(script, *args, check=True, timeout=600, env=None):

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import torch
 
+import checkpoints
 import eval as eval_script
 import parser
 from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args
@@ -52,10 +53,10 @@ def test_torchrun_two_processes_on_cpu(synthetic_dataset, tmp_path):
         log = file.read()
     assert "written by a run of 2 processes, this one has 1" in log and "Experiment finished" in log
     # what rank 0 wrote loads in a single process, and evaluates
-    model_args = parser.parse_arguments(is_training=False, argv=["--dataset_folder", synthetic_dataset,
+    model_args = parser.parse_arguments("eval", argv=["--dataset_folder", synthetic_dataset,
                                                                  "--pretrained", "none"])
     for name in ("best_model.pth", "last_checkpoint.pth"):
-        network.load_model_weights(network.build_model(model_args), os.path.join(folder, name))
+        checkpoints.load_model_weights(network.build_model(model_args), os.path.join(folder, name))
     results = eval_script.main(["--dataset_folder", synthetic_dataset, "--pretrained", "none", "--num_workers", "0",
                                 "--device", "cpu", "--resume_model", os.path.join(folder, "best_model.pth"),
                                 "--logs_root", str(tmp_path / "eval_logs")])

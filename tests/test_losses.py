@@ -76,7 +76,7 @@ def test_target_logit_decreases_with_the_angle(name, options, margin, formula):
 def test_default_margins_are_the_published_ones(name, margin):
     assert cosface_loss.get_margin_head(name, 8, 5).m == margin
     assert cosface_loss.get_margin_head(name, 8, 5, m=0.3 if name != "sphereface" else 2.0).m != margin
-    args = parser.parse_arguments(argv=["--dataset_folder", "unused", "--loss", name])
+    args = parser.parse_arguments("train", argv=["--dataset_folder", "unused", "--loss", name])
     assert cosface_loss.get_margin_head(args.loss, 8, 5, args.loss_scale, args.loss_margin).m == margin
 
 

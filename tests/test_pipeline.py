@@ -12,14 +12,17 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-import commons
+import checkpoints
+import faiss_indexes
+import test as test_module
 from conftest import run_folders, run_script, tiny_training_args
-from datasets.dataset_utils import DatasetError, find_queries_folder, format_image_name, parse_image_name
+from core import files
 from datasets import test_dataset
+from datasets.dataset_utils import DatasetError, find_queries_folder, format_image_name, parse_image_name
+from datasets.image_loading import batches_by_size
 from datasets.train_dataset import cache_key, compute_groups, get_class_id_and_group_id, load_groups
 from model import network
 from model.backbones import PretrainedWeightsUnavailable
-import test as test_module
 
 SF_XS_NAME = ("@0543256.96@4178906.70@10@S@037.75180@-122.51044@-3bPAVYkXo4C8Oc3u2iyTQ@@90@@@@201311@@.jpg")
 
@@ -103,7 +106,7 @@ def test_recalls_against_brute_force():
     queries = F.normalize(torch.randn(80, 16), dim=1).numpy()
     database_utms = rng.uniform(0, 400, (300, 2))
     queries_utms = rng.uniform(0, 400, (80, 2))
-    predictions = test_module.knn_search(database, queries, 20)
+    predictions = faiss_indexes.knn_search(database, queries, 20)
     from sklearn.neighbors import NearestNeighbors
     positives = NearestNeighbors().fit(database_utms).radius_neighbors(queries_utms, 25, return_distance=False)
     assert (sum(len(p) == 0 for p in positives)) > 0  # queries without positives count as misses
@@ -126,7 +129,7 @@ def test_images_of_different_sizes_are_batched_by_size(tmp_path):
         for i, size in enumerate(sizes):
             Image.new("L" if i % 2 else "RGB", size, 128).save(tmp_path / split / format_image_name(100 + i * 5.0, 0.0))
     dataset = test_dataset.TestDataset(str(tmp_path))
-    batches = test_module.batches_by_size(dataset, range(len(dataset)), batch_size=16)
+    batches = batches_by_size(dataset, range(len(dataset)), batch_size=16)
     assert sorted(map(sorted, batches)) == [[0, 1, 2, 4], [3, 5], [6]]
     image, _ = dataset[4]  # a grayscale file comes out as 3-channel RGB
     assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
@@ -149,7 +152,7 @@ def test_released_cosplace_checkpoint_layout_loads_and_computes_the_cosplace_des
     path = str(tmp_path / "resnet18_64.pth")
     torch.save(state_dict, path)
     model = network.GeoLocalizationNet("resnet18", 64, pretrained="none").eval()
-    network.load_model_weights(model, path)
+    checkpoints.load_model_weights(model, path)
     images = torch.randn(2, 3, 96, 96)
     with torch.no_grad():  # CosPlace's head written out: L2 -> GeM(p) -> flatten -> linear -> L2
         features = F.normalize(backbone.eval()(images), dim=1)
@@ -163,8 +166,8 @@ def test_checkpoint_for_another_model_names_the_mismatch(tmp_path):
     path = str(tmp_path / "other.pth")
     torch.save(state_dict, path)
     model = network.GeoLocalizationNet("resnet18", 128, pretrained="none")
-    with pytest.raises(network.CheckpointError, match=r"aggregation\.3\.weight.*\(64, 512\).*\(128, 512\)"):
-        network.load_model_weights(model, path)
+    with pytest.raises(checkpoints.CheckpointError, match=r"aggregation\.3\.weight.*\(64, 512\).*\(128, 512\)"):
+        checkpoints.load_model_weights(model, path)
 
 
 def test_missing_imagenet_weights_give_an_actionable_message(monkeypatch, tmp_path):
@@ -226,7 +229,7 @@ def test_real_images_train_and_eval_end_to_end(sf_xs_night_mini, tmp_path):
     [eval_run] = run_folders(tmp_path, save_dir="eval")
     results = json.load(open(os.path.join(eval_run, "results.json")))["test_sets"]
     for split in ("val", "test"):
-        label = commons.test_set_label(os.path.join(sf_xs_night_mini, split)).replace("/", "_")
+        label = files.test_set_label(os.path.join(sf_xs_night_mini, split)).replace("/", "_")
         saved = np.load(os.path.join(eval_run, label, "descriptors.npz"))
         assert len(saved["queries_paths"]) == {"val": 84, "test": 57}[split]
         expected = brute_force_recalls(saved["database_descriptors"], saved["queries_descriptors"],
@@ -238,7 +241,9 @@ def test_real_images_train_and_eval_end_to_end(sf_xs_night_mini, tmp_path):
 def test_every_flag_is_documented_in_the_readme():
     import parser
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    flags = {option for is_training in (True, False) for action in parser.build_parser(is_training)._actions
+    flags = {option for script in parser.SCRIPTS for action in parser.build_parser(script)._actions
              for option in action.option_strings if option.startswith("--") and option != "--help"}
     undocumented = sorted(flag for flag in flags if f"`{flag}`" not in readme and f"`{flag}," not in readme)
     assert not undocumented, f"flags missing from the README's flag tables: {undocumented}"
+    assert parser.flag_tables_markdown() in readme, "the README's flag tables are not those of the parser: regenerate " \
+                                                    "them with parser.flag_tables_markdown()"

@@ -14,14 +14,23 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import commons
 import parser
 from conftest import run_script, tiny_training_args
-from datasets.dataset_utils import (EXPECTED_FORMAT, DatasetError, find_images, find_queries_folder,
-                                    format_image_name, parse_image_name, read_utms)
+from core import errors, files
+from datasets import test_dataset  # not its TestDataset: pytest would try to collect the class
+from datasets.dataset_utils import (
+    EXPECTED_FORMAT,
+    DatasetError,
+    find_images,
+    find_queries_folder,
+    format_image_name,
+    parse_image_name,
+    read_utms,
+)
 from datasets.image_check import check_images, make_image_check
 from datasets.image_loading import ImageLoadError
-from datasets import test_dataset  # not its TestDataset: pytest would try to collect the class
 from datasets.train_dataset import ClassBatchSampler, TrainDataset, check_groups, load_groups
 from model import network
 
@@ -181,7 +190,7 @@ def test_check_images_reports_every_bad_file_or_leaves_them_out(tmp_path, caplog
     assert kept == [p for p in paths if p not in bad]
     assert "Leaving out 3 of 12 images" in caplog.text
     # Left out before the classes are computed: the classes with a bad image now have 2 images, under the minimum
-    args = parser.parse_arguments(True, ["--dataset_folder", str(tmp_path), "--check_images", "--on_bad_image", "skip"])
+    args = parser.parse_arguments("train", ["--dataset_folder", str(tmp_path), "--check_images", "--on_bad_image", "skip"])
     groups = load_groups(folder, 10, 30, 5, 2, 3, str(tmp_path / "cache"), image_check=make_image_check(args))
     assert sorted(p for group in groups for c in group for p in c) == sorted(paths[i] for i in (9, 10, 11))
     with pytest.raises(ImageLoadError, match="3 of 3 images cannot be read: .* Remove them$"):
@@ -189,11 +198,11 @@ def test_check_images_reports_every_bad_file_or_leaves_them_out(tmp_path, caplog
 
 
 def test_image_check_flags():
-    args = parser.parse_arguments(True, ["--dataset_folder", "d"])
+    args = parser.parse_arguments("train", ["--dataset_folder", "d"])
     assert make_image_check(args) is None and make_image_check(args, test_set=True) is None
-    args = parser.parse_arguments(True, ["--dataset_folder", "d", "--on_bad_image", "skip"])
+    args = parser.parse_arguments("train", ["--dataset_folder", "d", "--on_bad_image", "skip"])
     assert make_image_check(args) is None and make_image_check(args, test_set=True) is not None
-    args = parser.parse_arguments(True, ["--dataset_folder", "d", "--check_images"])
+    args = parser.parse_arguments("train", ["--dataset_folder", "d", "--check_images"])
     assert make_image_check(args) is not None
 
 
@@ -223,10 +232,10 @@ def test_loader_worker_error_becomes_one_clear_line(tmp_path):
     with pytest.raises(ImageLoadError) as error:
         next(iter(loader))
     assert "Traceback" in str(error.value)
-    message = commons.user_error_message(error.value)
+    message = errors.user_error_message(error.value)
     assert "\n" not in message and "Traceback" not in message
     assert message.startswith(f"{paths[0]}: cannot be read as an image (image file is truncated")
-    assert commons.user_error_message(KeyError("a bug")) is None
+    assert errors.user_error_message(KeyError("a bug")) is None
 
 
 def test_user_errors_are_logged_as_one_line_with_the_traceback_in_debug_log(tmp_path, capsys):
@@ -261,29 +270,29 @@ def test_user_errors_are_logged_as_one_line_with_the_traceback_in_debug_log(tmp_
 #### Checkpoints and flags
 
 def test_bad_checkpoints_are_named_with_what_is_wrong(tmp_path):
-    args = parser.parse_arguments(True, ["--dataset_folder", "d", "--pretrained", "none"])
+    args = parser.parse_arguments("train", ["--dataset_folder", "d", "--pretrained", "none"])
     model = network.build_model(args)
-    with pytest.raises(network.CheckpointError, match=f"{tmp_path / 'missing.pth'}: no such file"):
-        network.load_model_weights(model, str(tmp_path / "missing.pth"))
+    with pytest.raises(checkpoints.CheckpointError, match=f"{tmp_path / 'missing.pth'}: no such file"):
+        checkpoints.load_model_weights(model, str(tmp_path / "missing.pth"))
     (tmp_path / "notes.pth").write_text("not a checkpoint")
-    with pytest.raises(network.CheckpointError, match="notes.pth is not a PyTorch checkpoint"):
-        network.load_model_weights(model, str(tmp_path / "notes.pth"))
+    with pytest.raises(checkpoints.CheckpointError, match="notes.pth is not a PyTorch checkpoint"):
+        checkpoints.load_model_weights(model, str(tmp_path / "notes.pth"))
     torch.save(model.state_dict(), tmp_path / "model.pth")
     data = (tmp_path / "model.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[:len(data) // 2])
-    with pytest.raises(network.CheckpointError, match="truncated.pth is not a PyTorch checkpoint"):
-        network.load_model_weights(model, str(tmp_path / "truncated.pth"))
+    with pytest.raises(checkpoints.CheckpointError, match="truncated.pth is not a PyTorch checkpoint"):
+        checkpoints.load_model_weights(model, str(tmp_path / "truncated.pth"))
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(network.CheckpointError, match="list.pth is not a model checkpoint: expected a state dict"):
-        network.load_model_weights(model, str(tmp_path / "list.pth"))
-    other_dim = network.build_model(parser.parse_arguments(True, ["--dataset_folder", "d", "--pretrained", "none",
+    with pytest.raises(checkpoints.CheckpointError, match="list.pth is not a model checkpoint: expected a state dict"):
+        checkpoints.load_model_weights(model, str(tmp_path / "list.pth"))
+    other_dim = network.build_model(parser.parse_arguments("train", ["--dataset_folder", "d", "--pretrained", "none",
                                                                   "--fc_output_dim", "64"]))
-    with pytest.raises(network.CheckpointError) as error:
-        network.load_model_weights(other_dim, str(tmp_path / "model.pth"))
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.load_model_weights(other_dim, str(tmp_path / "model.pth"))
     assert "does not fit this model (--backbone, --aggregator, --fc_output_dim?)" in str(error.value)
     assert "aggregation.3.weight: checkpoint (512, 512) vs model (64, 512)" in str(error.value)
     other_backbone = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    mismatch = network.state_dict_mismatch(other_backbone, model.state_dict())
+    mismatch = checkpoints.state_dict_mismatch(other_backbone, model.state_dict())
     assert "2 keys missing from the checkpoint, e.g. ['0.weight', '0.bias']" in mismatch
     assert "unexpected keys, e.g. ['backbone.0.weight'" in mismatch
 
@@ -295,14 +304,14 @@ def test_bad_checkpoints_are_named_with_what_is_wrong(tmp_path):
 ])
 def test_parser_refuses_contradictory_flags_with_the_reason(flags, reason, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parser.parse_arguments(True, ["--dataset_folder", "d", *flags])
+        parser.parse_arguments("train", ["--dataset_folder", "d", *flags])
     assert exit_info.value.code == 2 and reason in capsys.readouterr().err
 
 
 #### Output folders
 
 def make_folders(parent, count):
-    return [commons.make_unique_folder(parent, "2026-01-01_00-00-00") for _ in range(count)]
+    return [files.make_unique_folder(parent, "2026-01-01_00-00-00") for _ in range(count)]
 
 
 def test_runs_started_in_the_same_second_never_share_a_folder(tmp_path):

@@ -12,18 +12,18 @@ import zipfile
 import numpy as np
 import pytest
 import utm
-from conftest import run_script, tiny_training_args
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
 import analyze_dataset
 import download_datasets
+import faiss_indexes
 import geolocalize
 import make_dataset
-import make_report
 import test
 import visualizations
-from datasets.dataset_utils import find_images, parse_image_name, read_utms
+from conftest import run_script, tiny_training_args
+from datasets.dataset_utils import DatasetError, find_images, parse_image_name, read_utms
 from datasets.test_dataset import TestDataset as EvaluationSet  # not named Test*: pytest would collect it
 from datasets.train_dataset import get_class_id_and_group_id
 
@@ -103,7 +103,7 @@ def test_analyze_dataset_test_only_and_errors(synthetic_dataset, tmp_path):
     summary = analyze_dataset.main(["--test_set_folder", os.path.join(synthetic_dataset, "test"),
                                     "--out", str(tmp_path / "t")])
     assert set(summary["images"]) == {"test/database", "test/queries"} and "classes" not in summary
-    with pytest.raises(SystemExit, match="No split found"):
+    with pytest.raises(DatasetError, match="No split found"):
         analyze_dataset.main(["--dataset_folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")])
 
 
@@ -120,7 +120,7 @@ def test_predictions_csv_matches_knn_search(synthetic_dataset, tmp_path):
     dataset = EvaluationSet(os.path.join(synthetic_dataset, "val"))
     rng = np.random.default_rng(0)
     descriptors = rng.standard_normal((len(dataset), 16)).astype(np.float32)
-    predictions = test.knn_search(descriptors[:dataset.database_num], descriptors[dataset.database_num:], 5)
+    predictions = faiss_indexes.knn_search(descriptors[:dataset.database_num], descriptors[dataset.database_num:], 5)
     path = visualizations.save_predictions_csv(predictions, dataset, str(tmp_path / "predictions.csv"))
     rows = read_csv(path)
     assert len(rows) == dataset.queries_num * 5
@@ -171,75 +171,6 @@ def test_eval_and_train_write_predictions(trained_run, eval_run):
     rows = read_csv(os.path.join(trained_run, "predictions.csv"))
     assert recalls_from_csv(rows, [1, 5]) == pytest.approx([test_results["R@1"], test_results["R@5"]])
     assert os.path.isfile(os.path.join(trained_run, "summary.html"))
-
-
-# ---------------------------------------------------------------- make_report
-
-def write_run(folder, args=None, metrics=None, test_results=None, results=None):
-    os.makedirs(folder)
-    for name, content in (("args.json", args), ("test_results.json", test_results), ("results.json", results)):
-        if content is not None:
-            with open(os.path.join(folder, name), "w") as file:
-                json.dump(content, file)
-    if metrics is not None:
-        with open(os.path.join(folder, "metrics.jsonl"), "w") as file:
-            file.writelines(json.dumps(record) + "\n" for record in metrics)
-    return folder
-
-
-def epoch(number, loss, recall1, recall5):
-    return {"epoch": number, "group": 0, "loss": loss, "val_R@1": recall1, "val_R@5": recall5, "val_R@10": 99.0,
-            "lr": 1e-5, "classifiers_lr": 0.01, "train_time_s": 1.0}
-
-
-def test_make_report_numbers_equal_the_logs(trained_run, eval_run, tmp_path):
-    logs = tmp_path / "logs"
-    hand = write_run(str(logs / "resnet18_gem" / "2024-01-01_00-00-00"),
-                     args={"save_dir": "resnet18_gem", "val_set_folder": "/data/sf_xs/val"},
-                     metrics=[epoch(0, 9.5, 40.1, 55.2), epoch(1, 7.25, 52.123456789, 66.6),
-                              epoch(2, 6.0, 51.0, 70.0)],
-                     test_results={"dataset": "/data/sf_xs/test", "model": "x", "R@1": 48.75, "R@5": 61.0})
-    # An eval.py run of that model on Tokyo-XS: it joins the row of the training run its model comes from
-    write_run(str(logs / "eval_tokyo" / "2024-01-02_00-00-00"),
-              results={"model": os.path.join(hand, "best_model.pth"),
-                       "test_sets": {"data/tokyo_xs/test": {"R@1": 33.3333, "R@5": 50.5}}})
-    # A run killed during its first epoch has no recalls but must not break the report
-    write_run(str(logs / "killed" / "2024-01-03_00-00-00"), args={"save_dir": "killed", "val_set_folder": "v/val"},
-              metrics=[])
-    out = str(tmp_path / "report")
-    make_report.main([trained_run, eval_run, str(logs), "--out", out])
-    for name in ("results_table.md", "results_table.tex", "results_table.csv", "training_curves.png"):
-        assert os.path.getsize(os.path.join(out, name)) > 0
-    rows = {row["experiment"]: row for row in read_csv(os.path.join(out, "results_table.csv"))}
-    hand_row = rows["resnet18_gem"]
-    # The best epoch (highest val R@1) is epoch 1: its R@1 and R@5, exactly as logged
-    assert float(hand_row["SF-XS val R@1"]) == 52.123456789 and float(hand_row["SF-XS val R@5"]) == 66.6
-    assert float(hand_row["SF-XS test R@1"]) == 48.75 and float(hand_row["SF-XS test R@5"]) == 61.0
-    assert float(hand_row["Tokyo-XS R@1"]) == 33.3333 and float(hand_row["Tokyo-XS R@5"]) == 50.5
-    assert "killed" in rows and all(rows["killed"][key] == "" for key in rows["killed"]
-                                    if key.startswith(("SF-XS", "Tokyo")))
-    # The real run: eval.py's results.json wins over metrics.jsonl and test_results.json
-    with open(os.path.join(eval_run, "results.json")) as file:
-        evaluated = json.load(file)["test_sets"]
-    tiny = rows["tiny"]
-    for folder, recalls in evaluated.items():
-        split = os.path.basename(os.path.normpath(folder))
-        column = f"{os.path.basename(os.path.dirname(os.path.normpath(folder)))} {split}"
-        assert float(tiny[f"{column} R@1"]) == recalls["R@1"] and float(tiny[f"{column} R@5"]) == recalls["R@5"]
-    markdown = open(os.path.join(out, "results_table.md")).read()
-    assert "| resnet18_gem | 52.1 | 66.6 | 48.8 | 61.0 | 33.3 | 50.5 |" in markdown
-    header = markdown.splitlines()[0]
-    assert header.index("SF-XS val") < header.index("SF-XS test") < header.index("Tokyo-XS")
-    latex = open(os.path.join(out, "results_table.tex")).read()
-    assert r"resnet18\_gem & 52.1 & 66.6 & 48.8 & 61.0 & 33.3 & 50.5 & -- &" in latex
-
-
-def test_make_report_without_runs(tmp_path):
-    with pytest.raises(SystemExit, match="no such folder"):
-        make_report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(SystemExit, match="No run folder"):
-        make_report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
 
 
 # ---------------------------------------------------------------- geolocalize
@@ -341,7 +272,7 @@ def test_make_dataset_from_exif(tmp_path):
     assert report["no_gps.jpg"].startswith("no GPS") and report["broken.jpg"].startswith("unreadable")
     paths, _, _ = read_utms(find_images(out))  # a folder train.py / eval.py can read
     assert len(paths) == 3
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(make_dataset.MakeDatasetError, match="not empty"):
         make_dataset.main(["--images", str(images), "--out", out])
 
 
@@ -369,7 +300,7 @@ def test_make_dataset_from_csv_with_links(tmp_path):
     assert any(r.startswith("listed in the CSV but not found") for r in reasons)
     assert sum(r == "not listed in the CSV" for r in reasons) == 2  # c.jpg (bad row) and unlisted.jpg
     (tmp_path / "bad.csv").write_text("file,lat,lon\na.jpg,1,2\n")
-    with pytest.raises(SystemExit, match="missing: latitude, longitude, path"):
+    with pytest.raises(make_dataset.MakeDatasetError, match="missing: latitude, longitude, path"):
         make_dataset.main(["--images", str(images), "--csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "x")])
 
 
@@ -411,17 +342,17 @@ def test_download_datasets_from_local_archives(synthetic_dataset, tmp_path, caps
 def test_download_datasets_refuses_bad_archives(synthetic_dataset, tmp_path):
     out = str(tmp_path / "data")
     (tmp_path / "page.zip").write_text("<html>Google Drive - quota exceeded</html>")
-    with pytest.raises(SystemExit, match="neither a zip nor a tar"):
+    with pytest.raises(download_datasets.DownloadError, match="neither a zip nor a tar"):
         download_datasets.main(["--datasets", "sf_xs", "--out", out, "--archive", f"sf_xs={tmp_path / 'page.zip'}"])
     _, tokyo_tar = make_archives(synthetic_dataset, str(tmp_path))
-    with pytest.raises(SystemExit, match="no folder with train/, val/, test/"):  # Tokyo-XS given as SF-XS
+    with pytest.raises(download_datasets.DownloadError, match="no folder with train/, val/, test/"):  # Tokyo-XS given as SF-XS
         download_datasets.main(["--datasets", "sf_xs", "--out", out, "--archive", f"sf_xs={tokyo_tar}"])
-    with pytest.raises(SystemExit, match="sha256"):
+    with pytest.raises(download_datasets.DownloadError, match="sha256"):
         download_datasets.main(["--datasets", "tokyo_xs", "--out", out, "--archive", f"tokyo_xs={tokyo_tar}",
                                 "--sha256", "tokyo_xs=" + "0" * 64])
     assert not os.path.exists(os.path.join(out, "sf_xs")) and not os.path.exists(os.path.join(out, "tokyo_xs"))
-    with pytest.raises(SystemExit, match="unknown dataset"):
+    with pytest.raises(download_datasets.DownloadError, match="unknown dataset"):
         download_datasets.main(["--out", out, "--url", "gsv=https://example.org/gsv.zip"])
     os.makedirs(os.path.join(out, "tokyo_xs", "test"))
-    with pytest.raises(SystemExit, match="exists but is incomplete"):
+    with pytest.raises(download_datasets.DownloadError, match="exists but is incomplete"):
         download_datasets.main(["--datasets", "tokyo_xs", "--out", out, "--archive", f"tokyo_xs={tokyo_tar}"])

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-import commons
 from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args
+from core import files
 
 RUN_FLAGS = ("--epochs_num", "2", "--iterations_per_epoch", "4", "--checkpoint_every", "2", "--image_size", "32",
-             "--test_image_size", "32")
+             "--test_image_size", "32", "--val_every", "3")  # validations at steps 0, 3, 4 (epoch end), 6, 8
 
 
 def training_args(dataset, folder, *extra):
@@ -81,7 +81,8 @@ def metrics(folder):
 def assert_same_run(expected_folder, folder):
     for name in ("best_model.pth", "last_checkpoint.pth"):
         assert_identical(load(expected_folder, name), load(folder, name), name)
-    assert len(metrics(expected_folder)) == 2 and metrics(folder) == metrics(expected_folder)
+    assert [record["step"] for record in metrics(expected_folder)] == [0, 3, 4, 6, 8]
+    assert metrics(folder) == metrics(expected_folder)
     with open(os.path.join(expected_folder, "test_results.json")) as expected, \
             open(os.path.join(folder, "test_results.json")) as actual:
         assert {**json.load(expected), "model": None} == {**json.load(actual), "model": None}
@@ -107,7 +108,7 @@ def test_killed_mid_epoch_and_resumed_ends_as_uninterrupted(uninterrupted_run, s
     args = training_args(synthetic_dataset, tmp_path)
     killed_folder = start_and_kill(args, "Checkpoint saved: epoch 1, iteration 2")
     checkpoint = load(killed_folder, "last_checkpoint.pth")
-    assert (checkpoint["epoch_num"], checkpoint["iteration"]) == (1, 2) and len(checkpoint["metrics_history"]) == 1
+    assert (checkpoint["epoch_num"], checkpoint["iteration"]) == (1, 2) and len(checkpoint["metrics_history"]) == 4
     run_script("train.py", *args, "--resume_train", os.path.join(killed_folder, "last_checkpoint.pth"))
     resumed_folder = run_folders(tmp_path)[-1]
     assert resumed_folder != killed_folder
@@ -171,8 +172,9 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import commons
+from core import files
 for version in range(1, 10 ** 6):
-    commons.atomic_torch_save({"version": version, "data": torch.full((2_000_000,), float(version))}, sys.argv[2])
+    files.atomic_torch_save({"version": version, "data": torch.full((2_000_000,), float(version))}, sys.argv[2])
     print(version, flush=True)
 """
 
@@ -192,4 +194,4 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_a_loadable_one(tmp_path):
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["version"] in (printed[-1], printed[-1] + 1)
         assert torch.equal(checkpoint["data"], torch.full((2_000_000,), float(checkpoint["version"])))
-    assert os.stat(path).st_mode & 0o777 == commons.NEW_FILE_MODE  # readable as any file the user writes
+    assert os.stat(path).st_mode & 0o777 == files.NEW_FILE_MODE  # readable as any file the user writes

@@ -12,13 +12,20 @@ import torch
 import torchvision.transforms.functional as TF
 
 import augmentations
+import faiss_indexes
 import parser
 import test
 from benchmarks import bench
 from datasets import preresize
 from datasets.dataset_utils import find_images
-from datasets.image_loading import (ImageLoadError, collate_images, images_to_device, load_encoded_image,
-                                    load_image_tensor, normalize)
+from datasets.image_loading import (
+    ImageLoadError,
+    collate_images,
+    images_to_device,
+    load_encoded_image,
+    load_image_tensor,
+)
+from datasets.normalization import normalize
 from datasets.synthetic import generate_dataset
 from datasets.test_dataset import TestDataset
 from datasets.train_dataset import ClassBatchSampler, TrainDataset
@@ -34,7 +41,7 @@ def large_images(tmp_path_factory):
 
 
 def eval_args(dataset_folder, *extra):
-    args = parser.parse_arguments(is_training=False, argv=["--dataset_folder", dataset_folder, "--pretrained", "none",
+    args = parser.parse_arguments("eval", argv=["--dataset_folder", dataset_folder, "--pretrained", "none",
                                                            "--num_workers", "0", "--device", "cpu", *extra])
     return args
 
@@ -150,7 +157,7 @@ def test_batched_queries_give_the_recalls_of_one_by_one(synthetic_dataset, model
     recalls, _, batched = test.test(args, dataset, model, return_details=True)
     one_by_one = bench.naive_descriptors(model, dataset, "cpu", batch_size=1, num_workers=0)
     assert np.allclose(batched, one_by_one, atol=1e-4)
-    exact = test.knn_search(one_by_one[:dataset.database_num], one_by_one[dataset.database_num:], 20)
+    exact = faiss_indexes.knn_search(one_by_one[:dataset.database_num], one_by_one[dataset.database_num:], 20)
     assert np.array_equal(recalls, test.compute_recalls(exact, dataset.get_positives(), args.recall_values))
 
 
@@ -161,21 +168,24 @@ def test_approximate_indexes_find_the_exact_neighbours_with_enough_probes(kind, 
     database = rng.normal(size=(600, 64)).astype(np.float32)
     database /= np.linalg.norm(database, axis=1, keepdims=True)
     queries = database[rng.permutation(600)[:50]] + 0.01 * rng.normal(size=(50, 64)).astype(np.float32)
-    exact = test.knn_search(database, queries, 5)
-    approximate = test.knn_search(database, queries, 5, kind=kind, **options)
+    exact = faiss_indexes.knn_search(database, queries, 5)
+    approximate = faiss_indexes.knn_search(database, queries, 5, kind=kind, **options)
     if kind == "hnsw":  # the vectors themselves: the whole ranking
         assert np.array_equal(approximate, exact)
     else:  # compressed vectors: the nearest one
         assert np.array_equal(approximate[:, 0], exact[:, 0])
 
 
-def test_approximate_evaluation_logs_its_size_and_recall_loss(synthetic_dataset, model, caplog):
+def test_approximate_evaluation_logs_its_size_and_recall_loss(synthetic_dataset, model, caplog, capfd):
+    """...and FAISS's warnings about a database too small to train it (one per sub-quantizer) become one line."""
     dataset = TestDataset(os.path.join(synthetic_dataset, "val"))
     args = eval_args(synthetic_dataset, "--faiss_index", "ivfpq", "--faiss_pq_m", "16")
     with caplog.at_level(logging.INFO):
         recalls = test.test(args, dataset, model)
     message = next(r.getMessage() for r in caplog.records if "ivfpq index" in r.getMessage())
     assert "MB" in message and "recall loss (exact - approximate): R@1" in message
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FAISS printed")]
+    assert len(summaries) == 1 and "WARNING clustering" not in capfd.readouterr().err
     assert len(recalls) == 4
 
 

@@ -1,0 +1,41 @@
+"""Preview of the training augmentations: one labelled row per augmentation of the list, each alone on the same
+training images, then a row with the whole chain as training applies it.
+
+    python preview_augmentations.py --dataset_folder data/sf_xs --out preview --augmentations color_jitter night:0.5
+
+Writes OUT/augmentations.png. The augmentation flags are train.py's (--brightness, --hue, ...), so a training's
+flags show what its batches look like.
+"""
+
+import os
+
+import parser
+from core.errors import exit_on_user_error
+
+
+def build_parser():
+    arguments = parser.build_parser("preview_augmentations", __doc__)
+    group = arguments.add_argument_group("Preview")
+    group.add_argument("--out", type=str, required=True, help="folder where augmentations.png is written")
+    group.add_argument("--num_images", type=parser.positive_int, default=6, help="training images shown")
+    group.add_argument("--image_size", type=parser.positive_int, default=512,
+                       help="images are resized to SxS before the augmentations, as train.py's --image_size")
+    return arguments
+
+
+def main(argv=None):
+    args = parser.parse_arguments("preview_augmentations", argv, build_parser())
+    import commons  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
+    import visualizations
+    commons.make_deterministic(args.seed)
+    device = commons.resolve_device(args.device)
+    images = visualizations.preview_images(args.train_set_folder, args.num_images, args.image_size).to(device)
+    path = visualizations.save_augmentations_preview(images, args.augmentations, args,
+                                                     os.path.join(args.out, "augmentations.png"))
+    print(f"Saved {path}: the {len(images)} images of {args.train_set_folder} with each of "
+          f"{' '.join(args.augmentations)}, then all of them in order")
+    return path
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
