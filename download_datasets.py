@@ -16,7 +16,6 @@ queries/ with images) before the dataset is moved into place and marked complete
 skipped, and an interrupted run leaves nothing half-made at the destination, so running the command again is safe.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import urllib.request
 import zipfile
 
 import parser
+from core import files
 from core.errors import UserError, exit_on_user_error
 from datasets.dataset_utils import DatasetError, find_images, find_queries_folder
 
@@ -90,19 +90,11 @@ def download(url, path):
         raise DownloadError(f"Could not download {url} ({e}): pass --url NAME=URL or --archive NAME=PATH") from None
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_archive(path, expected_sha256=None):
     """Raises DownloadError unless path is a non-empty zip or tar (and has the expected checksum)."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise DownloadError(f"{path}: missing or empty archive")
-    if expected_sha256 and (actual := sha256_of(path)) != expected_sha256.lower():
+    if expected_sha256 and (actual := files.sha256_of(path)) != expected_sha256.lower():
         raise DownloadError(f"{path}: sha256 {actual} differs from the expected {expected_sha256}: the download is "
                             f"corrupt or another file; remove it and run again")
     if zipfile.is_zipfile(path):

@@ -8,7 +8,6 @@ results.json (every recall with the model's path and hash and every setting that
 set, predictions.csv (and pictures with --num_preds_to_save N).
 """
 
-import hashlib
 import os
 import sys
 
@@ -24,14 +23,6 @@ def results_table(rows, recall_values):
     for name, recalls in rows:
         lines.append(f"{name:<30}" + "".join(f"{r:>8.1f}" for r in recalls))
     return "\n".join(lines)
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_descriptors(dataset, descriptors, predictions, folder):
@@ -79,7 +70,7 @@ def evaluate(args):
                                                                   args.test_resize),
                                           args.device, args.infer_batch_size, args.num_workers)
     results = {"model": args.resume_model and os.path.abspath(args.resume_model),
-               "model_sha256": args.resume_model and file_sha256(args.resume_model),
+               "model_sha256": args.resume_model and files.sha256_of(args.resume_model),
                "git_commit": files.git_commit(), "settings": test.evaluation_settings(args), "test_sets": {}}
     rows = []
     for folder in args.test_set_folder:

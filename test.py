@@ -87,6 +87,7 @@ def dataset_descriptors(args, dataset, model):
                                       flags["amp"], flags["channels_last"],
                                       description=f"{dataset.dataset_name} descriptors")
     if cache_path is not None:
+        files.remove_stale_temporary_files(args.descriptors_cache)  # left by a run killed while writing its cache
         files.atomic_write(cache_path, lambda file: np.save(file, descriptors))
         logging.debug(f"{dataset.dataset_name}: descriptors written to the cache {cache_path}")
     return descriptors

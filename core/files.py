@@ -3,6 +3,7 @@ and the clean-up of what a killed write left behind. Imports no torch (make_repo
 
 import errno
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -142,6 +143,15 @@ def append_jsonl(record, path):
             file.write(json.dumps(record, default=float) + "\n")
     except OSError as error:
         raise unwritable_error(path, error) from None
+
+
+def sha256_of(path):
+    """The SHA-256 of a file's content, read in blocks of 1 MB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def git_commit():

@@ -10,6 +10,7 @@ Every path applies the EXIF orientation (phone photos are often stored sideways 
 """
 
 import io
+import logging
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -243,12 +244,23 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 #### Inference batching (test sets, AdaBN, geolocalize.py)
 
+INFERENCE_BYTES_PER_PIXEL = 225  # ResNet-18 inference in fp32 (measured: a 4000x4000 image takes 3.6 GB)
+LARGE_IMAGE_BYTES = 1 << 30
+
+
 def batches_by_size(dataset, indices, batch_size):
     """Batches of indices of an ImageListDataset whose items have the same size once resized, so images of
-    different sizes never force a batch size of 1 (upstream's slowest step)."""
+    different sizes never force a batch size of 1 (upstream's slowest step). An image so large that its
+    descriptor would need gigabytes is named in a warning that suggests --test_image_size."""
     buckets = defaultdict(list)
     for index in indices:
         buckets[dataset.output_size(index)].append(index)
+    largest = max(buckets, key=lambda size: size[0] * size[1], default=None)
+    if largest and largest[0] * largest[1] * INFERENCE_BYTES_PER_PIXEL > LARGE_IMAGE_BYTES:
+        gigabytes = largest[0] * largest[1] * INFERENCE_BYTES_PER_PIXEL / 2 ** 30
+        logging.warning(f"{dataset.images_paths[buckets[largest][0]]} is {largest[0]}x{largest[1]} px: its descriptor "
+                        f"needs about {gigabytes:.1f} GB of memory (ResNet-18, fp32); --test_image_size 512 resizes "
+                        f"the test images (shorter side) and makes them faster too")
     return [bucket[start: start + batch_size] for bucket in buckets.values()
             for start in range(0, len(bucket), batch_size)]
 

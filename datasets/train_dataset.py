@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from datasets.dataset_utils import DatasetError, find_images, read_utms
-from core.files import atomic_torch_save
+from core.files import atomic_torch_save, remove_stale_temporary_files
 from datasets.image_loading import ImageLoadError, collate_images, load_encoded_image, load_image_tensor
 
 CACHE_VERSION = 1
@@ -91,6 +91,7 @@ def load_groups(folder, M, alpha, N, L, min_images_per_class, cache_folder="cach
     # The cache stores paths relative to the folder, so it stays small and valid if only the key matches
     relative_groups = [[[os.path.relpath(p, folder) for p in c] for c in g] for g in groups]
     os.makedirs(cache_folder, exist_ok=True)
+    remove_stale_temporary_files(cache_folder)  # left by a run killed while writing its cache
     atomic_torch_save(relative_groups, cache_path)
     return groups
 

@@ -56,7 +56,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--curve_seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--extension_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--curve_iterations", type=int, default=1000)
-    parser.add_argument("--extension_iterations", type=int, default=300)
+    parser.add_argument("--extension_iterations", type=int, default=200)
     parser.add_argument("--val_every", type=int, default=100)
     parser.add_argument("--image_size", type=int, default=224, help="training and test size")
     parser.add_argument("--num_workers", type=int, default=2)

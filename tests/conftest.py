@@ -27,20 +27,21 @@ def synthetic_dataset(tmp_path_factory):
                             view_size=64, seed=0)
 
 
+def shared_or_skip(path, what):
+    """path in ../shared beside the checkout, or a skip saying what is missing (CI and users may not have it)."""
+    if not os.path.exists(path):
+        pytest.skip(f"{what} not found at {os.path.normpath(path)} (../shared beside the checkout): test skipped")
+    return path
+
+
 @pytest.fixture(scope="session")
 def sf_xs_night_mini():
-    if not os.path.isdir(SF_XS_NIGHT_MINI):
-        pytest.skip(f"real-image dataset not found at {os.path.normpath(SF_XS_NIGHT_MINI)} "
-                    f"(../shared/data/sf_xs_night_mini beside the checkout): integration test skipped")
-    return SF_XS_NIGHT_MINI
+    return shared_or_skip(SF_XS_NIGHT_MINI, "the real-image dataset sf_xs_night_mini")
 
 
 @pytest.fixture(scope="session")
 def lite0_weights():
-    if not os.path.isfile(LITE0_WEIGHTS):
-        pytest.skip(f"ImageNet weights not found at {os.path.normpath(LITE0_WEIGHTS)} "
-                    f"(../shared/weights beside the checkout): fine-tuning test skipped")
-    return LITE0_WEIGHTS
+    return shared_or_skip(LITE0_WEIGHTS, "the ImageNet weights of efficientnet_lite0")
 
 
 def run_script(script, *args, check=True, timeout=600, env=None):

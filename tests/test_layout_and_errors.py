@@ -205,3 +205,46 @@ def test_flags_without_effect_on_the_cpu_are_named_once(synthetic_dataset, tmp_p
     result = run_script("train.py", *tiny_training_args(synthetic_dataset, tmp_path, "--image_size", "32", "--amp",
                                                         "bf16", "--decode_on_gpu"))
     assert result.stdout.count("--amp bf16, --decode_on_gpu: no effect on the CPU") == 1
+
+
+def test_a_huge_query_gets_a_warning_that_suggests_a_test_size(tmp_path, caplog):
+    from PIL import Image
+
+    from datasets.image_loading import ImageListDataset, batches_by_size
+    small, huge = str(tmp_path / "small.jpg"), str(tmp_path / "huge.jpg")
+    Image.new("RGB", (640, 480)).save(small)
+    Image.new("RGB", (4000, 3000)).save(huge)
+    with caplog.at_level("WARNING"):
+        batches_by_size(ImageListDataset([small]), [0], 8)
+        assert not caplog.records
+        batches_by_size(ImageListDataset([small, huge]), [0, 1], 8)
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"{huge} is 4000x3000 px: its descriptor needs about 2.5 GB of memory")
+    assert "--test_image_size 512" in record.getMessage()
+    caplog.clear()
+    batches_by_size(ImageListDataset([huge], image_size=512), [0], 8)  # resized: no warning
+    assert not caplog.records
+
+
+def test_truncated_caches_are_recomputed_with_a_warning(synthetic_dataset, tmp_path, caplog):
+    import glob
+
+    import numpy as np
+
+    import test
+    from datasets.train_dataset import load_groups
+    train = os.path.join(synthetic_dataset, "train")
+    groups = load_groups(train, 10, 30, 5, 2, 10, str(tmp_path))
+    [cache] = glob.glob(str(tmp_path / "groups_*.pt"))
+    with open(cache, "r+b") as file:
+        file.truncate(os.path.getsize(cache) // 2)
+    with caplog.at_level("WARNING"):
+        assert load_groups(train, 10, 30, 5, 2, 10, str(tmp_path)) == groups
+    assert f"The class cache {cache} cannot be read" in caplog.text and "computing the classes again" in caplog.text
+    descriptors = tmp_path / "descriptors.npy"
+    np.save(descriptors, np.ones((4, 8), dtype=np.float32))
+    assert test.read_cached_descriptors(str(descriptors), (4, 8)).shape == (4, 8)
+    with open(descriptors, "r+b") as file:
+        file.truncate(100)
+    assert test.read_cached_descriptors(str(descriptors), (4, 8)) is None
+    assert f"The descriptors cache {descriptors} cannot be read" in caplog.text
