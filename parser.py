@@ -115,7 +115,8 @@ def add_classes_flags(parser):
     group.add_argument("--N", type=positive_int, default=5, help="cells between two classes of the same group, per axis")
     group.add_argument("--L", type=positive_int, default=2, help="heading bins between two classes of the same group")
     group.add_argument("--groups_num", type=positive_int, default=8,
-                       help="groups to train on, the first ones in --groups_order (SF-XS train has 1: use --groups_num 1)")
+                       help="groups to train on, the first ones in --groups_order (SF-XS train has 1: use "
+                            "--groups_num 1)")
     group.add_argument("--groups_order", choices=["upstream", "size"], default="upstream",
                        help="order of the groups: upstream (CosPlace's: as they first appear in the sorted file list) "
                             "or size (largest first)")
@@ -494,7 +495,7 @@ def parse_arguments(script="train", argv=None, parser=None):
 
 def flag_tables_markdown():
     """The README's "All flags" tables: one per flag group, with the scripts that take it (a test checks that the
-    README holds exactly this text; regenerate it with python -c "import parser; print(parser.flag_tables_markdown())")."""
+    README holds exactly this text; regenerate it with parser.flag_tables_markdown())."""
     groups = {}
     for script in SCRIPTS:
         for group in build_parser(script)._action_groups:

@@ -177,7 +177,7 @@ def project_args(config, image_size):
     argv = ["--dataset_folder", config.data, "--image_size", str(image_size), "--pretrained", "none",
             "--batch_size", str(config.batch_size), "--num_workers", str(config.num_workers), "--groups_num", "1",
             "--min_images_per_class", str(IMAGES_PER_PLACE), "--device", config.device,
-            "--cache_folder", os.path.join(config.data, "cache"), "--amp", config.amp]
+            "--cache_folder", os.path.join(config.data, "cache"), "--amp", config.amp, "--eval_amp", config.amp]
     args = parser.parse_arguments("train", argv=argv)
     args.device = commons.resolve_device(args.device)
     return args
@@ -264,13 +264,12 @@ def case_eval(pipeline, config):
                                              args.recall_values)
     else:
         if not args.device.startswith("cuda"):
-            args.amp = "none"
-        test.compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.amp,
+            args.eval_amp = "none"
+        test.compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.eval_amp,
                                  args.channels_last, indices=[*warmup_database, *warmup_queries])
         extract = lambda: test.dataset_descriptors(args, dataset, model)
-        retrieve = lambda d: test.compute_recalls(faiss_indexes.knn_search(d[:dataset.database_num], d[dataset.database_num:],
-                                                                  max(args.recall_values)),
-                                                  positives, args.recall_values)
+        retrieve = lambda d: test.compute_recalls(faiss_indexes.knn_search(
+            d[:dataset.database_num], d[dataset.database_num:], max(args.recall_values)), positives, args.recall_values)
     synchronize(args.device)  # after a warm-up (cuDNN autotuning, first allocations) on a batch and a query
     start_time = time.perf_counter()
     descriptors = extract()

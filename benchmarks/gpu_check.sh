@@ -106,7 +106,7 @@ run_step "train.py --amp bf16 --channels_last" 120 python3 train.py "${TRAIN_FLA
 run_step "train.py --decode_on_gpu" 120 python3 train.py "${TRAIN_FLAGS[@]}" --amp bf16 --decode_on_gpu \
     --preresize_cache "$WORK/preresized" --image_size 64 --save_dir decode
 BEST=$(ls "$WORK"/logs/amp/*/best_model.pth 2>/dev/null | head -1)
-EVAL_FLAGS=(--dataset_folder "$WORK/data" --pretrained none --num_workers 2 --device "$DEVICE" --amp bf16
+EVAL_FLAGS=(--dataset_folder "$WORK/data" --pretrained none --num_workers 2 --device "$DEVICE" --eval_amp bf16
             --resume_model "$BEST" --logs_root "$WORK/logs" --faiss_index hnsw --descriptors_cache "$WORK/descriptors")
 run_step "eval.py (hnsw, cache written)" 90 python3 eval.py "${EVAL_FLAGS[@]}"
 run_step "eval.py (cache read)" 90 python3 eval.py "${EVAL_FLAGS[@]}"

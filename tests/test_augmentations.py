@@ -70,7 +70,7 @@ def test_train_augmentation_normalises_a_uint8_batch(args):
 
 
 def test_defaults_are_upstream_cosplace(args):
-    default = augmentations.TrainAugmentation(parser.parse_arguments("train", argv=["--dataset_folder", "x"]).augmentations,
+    default = augmentations.TrainAugmentation(parser.parse_arguments("train", ["--dataset_folder", "x"]).augmentations,
                                               args)
     expected = [augmentations.ColorJitter(0.7, 0.7, 0.7, 0.5), augmentations.RandomResizedCrop(SIZE, scale=(0.5, 1.0))]
     assert [repr(m) for m in default.augmentations] == [repr(m) for m in expected]

@@ -248,3 +248,14 @@ def test_truncated_caches_are_recomputed_with_a_warning(synthetic_dataset, tmp_p
         file.truncate(100)
     assert test.read_cached_descriptors(str(descriptors), (4, 8)) is None
     assert f"The descriptors cache {descriptors} cannot be read" in caplog.text
+
+
+def test_read_only_logs_root_is_named(tmp_path, monkeypatch):
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(files.UnwritableError) as error:
+        files.make_output_folder("default", str(tmp_path / "logs"))
+    assert errors.user_error_message(error.value) == (
+        f"cannot write {tmp_path / 'logs' / 'default'}: {tmp_path} is read-only or not yours (Read-only file system);"
+        f" choose another --logs_root / cache folder")

@@ -254,7 +254,7 @@ def test_initialize_aggregation_keeps_batchnorm_statistics():
 
 
 def test_aggregator_flags_reach_the_aggregator():
-    args = parser.parse_arguments("train", argv=["--dataset_folder", "unused", "--pretrained", "none", "--fc_output_dim", "64",
+    args = parser.parse_arguments("train", ["--dataset_folder", "unused", "--pretrained", "none", "--fc_output_dim", "64",
                                         "--aggregator", "mixvpr", "--mixvpr_depth", "2", "--mixvpr_out_rows", "2",
                                         "--mixvpr_map_size", "5", "--trainable_stages", "1"])
     model = build_model(args)
@@ -265,7 +265,7 @@ def test_aggregator_flags_reach_the_aggregator():
 
 def test_train_all_layers_and_trainable_stages_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
-        parser.parse_arguments("train", argv=["--dataset_folder", "unused", "--train_all_layers", "--trainable_stages", "1"])
+        parser.parse_arguments("train", ["--dataset_folder", "unused", "--train_all_layers", "--trainable_stages", "1"])
     assert "drop --trainable_stages" in capsys.readouterr().err
 
 

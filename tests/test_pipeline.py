@@ -245,5 +245,5 @@ def test_every_flag_is_documented_in_the_readme():
              for option in action.option_strings if option.startswith("--") and option != "--help"}
     undocumented = sorted(flag for flag in flags if f"`{flag}`" not in readme and f"`{flag}," not in readme)
     assert not undocumented, f"flags missing from the README's flag tables: {undocumented}"
-    assert parser.flag_tables_markdown() in readme, "the README's flag tables are not those of the parser: regenerate " \
-                                                    "them with parser.flag_tables_markdown()"
+    assert parser.flag_tables_markdown() in readme, \
+        "the README's flag tables are not those of the parser: regenerate them with parser.flag_tables_markdown()"

@@ -190,7 +190,8 @@ def test_check_images_reports_every_bad_file_or_leaves_them_out(tmp_path, caplog
     assert kept == [p for p in paths if p not in bad]
     assert "Leaving out 3 of 12 images" in caplog.text
     # Left out before the classes are computed: the classes with a bad image now have 2 images, under the minimum
-    args = parser.parse_arguments("train", ["--dataset_folder", str(tmp_path), "--check_images", "--on_bad_image", "skip"])
+    args = parser.parse_arguments("train", ["--dataset_folder", str(tmp_path), "--check_images", "--on_bad_image",
+                                            "skip"])
     groups = load_groups(folder, 10, 30, 5, 2, 3, str(tmp_path / "cache"), image_check=make_image_check(args))
     assert sorted(p for group in groups for c in group for p in c) == sorted(paths[i] for i in (9, 10, 11))
     with pytest.raises(ImageLoadError, match="3 of 3 images cannot be read: .* Remove them$"):

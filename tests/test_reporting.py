@@ -345,7 +345,8 @@ def test_download_datasets_refuses_bad_archives(synthetic_dataset, tmp_path):
     with pytest.raises(download_datasets.DownloadError, match="neither a zip nor a tar"):
         download_datasets.main(["--datasets", "sf_xs", "--out", out, "--archive", f"sf_xs={tmp_path / 'page.zip'}"])
     _, tokyo_tar = make_archives(synthetic_dataset, str(tmp_path))
-    with pytest.raises(download_datasets.DownloadError, match="no folder with train/, val/, test/"):  # Tokyo-XS given as SF-XS
+    # Tokyo-XS given as SF-XS
+    with pytest.raises(download_datasets.DownloadError, match="no folder with train/, val/, test/"):
         download_datasets.main(["--datasets", "sf_xs", "--out", out, "--archive", f"sf_xs={tokyo_tar}"])
     with pytest.raises(download_datasets.DownloadError, match="sha256"):
         download_datasets.main(["--datasets", "tokyo_xs", "--out", out, "--archive", f"tokyo_xs={tokyo_tar}",

@@ -16,10 +16,12 @@ from conftest import run_folders, run_script, tiny_training_args
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_dataset, tmp_path_factory):
-    """A tiny training with a non-default architecture (descriptors of 64), SSL and DANN on."""
+    """A tiny training with a non-default architecture (descriptors of 64), SSL and DANN on, that deletes its
+    last_checkpoint.pth once finished."""
     folder = tmp_path_factory.mktemp("trained")
     result = run_script("train.py", *tiny_training_args(
         synthetic_dataset, folder, "--image_size", "32", "--fc_output_dim", "64", "--val_every", "2",
+        "--no-keep_last_checkpoint",
         "--log_every", "1", "--ssl_loss", "vicreg", "--da_target_folder",
         os.path.join(synthetic_dataset, "test", "queries")))
     return run_folders(folder)[-1], result
@@ -38,7 +40,8 @@ def test_recalls_are_right_in_any_order_of_recall_values(trained_run, synthetic_
     run, _ = trained_run
     results = eval_script.main(["--resume_model", os.path.join(run, "best_model.pth"), "--test_set_folder",
                                 os.path.join(synthetic_dataset, "test"), "--recall_values", "5", "1", "--device",
-                                "cpu", "--num_workers", "0", "--logs_root", str(tmp_path / "logs"), "--save_descriptors"])
+                                "cpu", "--num_workers", "0", "--logs_root", str(tmp_path / "logs"),
+                                "--save_descriptors"])
     [eval_folder] = run_folders(tmp_path)
     recalls = results["test_sets"][os.path.join(synthetic_dataset, "test")]
     expected = brute_force_recalls(os.path.join(eval_folder, "synthetic0_test", "descriptors.npz"), 25, (1, 5))
@@ -88,5 +91,7 @@ def test_training_shows_and_logs_each_loss_term(trained_run):
     for record in records[1:]:
         assert record["loss"] > record["ssl_loss"] > 0 and record["dann_loss"] > 0
         assert 0 <= record["dann_domain_accuracy"] <= 1
+    assert os.path.exists(os.path.join(run, "best_model.pth")) and not os.path.exists(os.path.join(
+        run, "last_checkpoint.pth"))  # --no-keep_last_checkpoint
     info = open(os.path.join(run, "info.log")).read()
     assert "ssl_loss = " in info and "dann_loss = " in info and "dann_domain_accuracy = " in info
