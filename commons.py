@@ -190,11 +190,16 @@ def setup_distributed(args):
 
 
 def log_arguments(args, output_folder):
-    """The command, every flag, where the outputs go, and what was not given as such: the seed drawn for --seed -1,
-    the flags read beside --resume_model, the recipe in force, the flags with no effect on this device."""
+    """The command, every flag, where the outputs go, then log_implicit_settings."""
     logging.info(" ".join(sys.argv))
     logging.info(f"Arguments: {args}")
     logging.info(f"The outputs are being saved in {output_folder}")
+    log_implicit_settings(args)
+
+
+def log_implicit_settings(args):
+    """What was not given as such: the seed drawn for --seed -1, the flags read beside --resume_model, the recipe
+    in force, the flags with no effect on this device."""
     if getattr(args, "seed_drawn", False):
         logging.info(f"--seed -1: drew the seed {args.seed} (pass --seed {args.seed} to repeat this run)")
     for flag, value in args.flags_from_checkpoint.items():

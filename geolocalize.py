@@ -171,9 +171,7 @@ def main(argv=None):
     import commons
     args.device = commons.resolve_device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for flag, value in args.flags_from_checkpoint.items():
-        logging.info(f"--{flag} {value}: taken from the args.json beside --resume_model {args.resume_model}")
-    commons.warn_ineffective_flags(args)
+    commons.log_implicit_settings(args)
     results = geolocalize(args)
     for result in results:
         print(report(result))
