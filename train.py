@@ -234,6 +234,9 @@ if is_main:
     best_model_path = os.path.join(output_folder, "best_model.pth")
     if os.path.exists(best_model_path):
         checkpoints.load_model_weights(model, best_model_path)
+    if progress.best_step == 0:
+        logging.warning(f"No validation beat the network as loaded (val R@1 {progress.best_val_recall1:.1f} at step "
+                        "0): best_model.pth holds the initial weights (a pretrained body? see --recipe finetune)")
     if args.adabn_folder:
         domain_adaptation.adapt_batchnorm(model, unlabeled_dataset.UnlabeledDataset(
             args.adabn_folder, args.test_image_size, args.test_resize), args.device, args.infer_batch_size,

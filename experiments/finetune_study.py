@@ -28,6 +28,7 @@ RECIPES = {
     "cosplace": ["--recipe", "cosplace"],
     "finetune": ["--recipe", "finetune"],
     "bn_frozen_stages": ["--freeze_bn_stats", "frozen_stages"],
+    "finetune_lr1e-4": ["--recipe", "finetune", "--lr", "0.0001"],
 }
 # Extensions measured on the best recipe: name -> train.py flags added to it ({dataset} is --dataset_folder)
 EXTENSIONS = {

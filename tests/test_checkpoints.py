@@ -34,7 +34,7 @@ def test_a_saved_training_comes_back_exactly(tmp_path):
     state, args = training_state(0), argparse.Namespace(lr=0.1, seed=0)
     train_one_step(state)
     progress = checkpoints.TrainingProgress(best_val_recall1=42.0, epoch_losses=[{"loss": 1.5}], recorded_losses=1,
-                                            metrics_history=[{"step": 3, "val_R@1": 42.0}])
+                                            metrics_history=[{"step": 3, "val_R@1": 42.0}], best_step=3)
     path = str(tmp_path / "last_checkpoint.pth")
     torch.manual_seed(123)
     checkpoints.save_training_checkpoint(path, state, progress, args, epoch_num=2, iteration=5)
@@ -43,7 +43,7 @@ def test_a_saved_training_comes_back_exactly(tmp_path):
     torch.manual_seed(999)
     resumed = checkpoints.resume_training(path, restored, args)
     assert torch.equal(torch.rand(3), expected_random)  # the RNG continues where the checkpoint was written
-    assert (resumed.epoch_num, resumed.iteration, resumed.best_val_recall1) == (2, 5, 42.0)
+    assert (resumed.epoch_num, resumed.iteration, resumed.best_val_recall1, resumed.best_step) == (2, 5, 42.0, 3)
     assert resumed.epoch_losses == [{"loss": 1.5}] and resumed.metrics_history == progress.metrics_history
     for original, loaded in ((state.model, restored.model), (state.classifiers[0], restored.classifiers[0]),
                              (state.auxiliary_losses[0], restored.auxiliary_losses[0])):
@@ -59,8 +59,10 @@ def test_validation_records_keep_the_loss_terms_since_the_previous_record_and_th
     assert record == {"step": 2, "loss": 3.0, "ssl_loss": 1.0, "val_R@1": 50.0, "val_R@5": 70.0} and is_best
     progress.epoch_losses.append({"loss": 1.0})
     record, is_best = progress.add_validation([40.0, 80.0], [1, 5], step=3)
-    assert record["loss"] == 1.0 and not is_best and progress.best_val_recall1 == 50.0
+    assert record["loss"] == 1.0 and not is_best and (progress.best_val_recall1, progress.best_step) == (50.0, 2)
     assert progress.add_validation([45.0, 80.0], [1, 5], step=3)[0]["loss"] is None  # no step since
+    assert progress.add_validation([50.0, 90.0], [1, 5], step=4)[1] is False  # a tie keeps the first best
+    assert progress.add_validation([60.0, 90.0], [1, 5], step=5)[1] and progress.best_step == 5
 
 
 def test_non_finite_losses_and_weights_stop_at_the_right_place(tmp_path):

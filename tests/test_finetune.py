@@ -114,3 +114,6 @@ def test_finetuning_real_weights_on_real_images_improves_where_the_default_dips(
     assert default <= untrained - 4 * 100 / 84  # the dip of the upstream recipe: four queries lost or more
     assert finetuned_100 >= untrained  # no dip
     assert finetuned_200 >= untrained + 3 * 100 / 84  # at least three more queries found
+    for name, warned in (("cosplace", True), ("finetune", False)):  # the dip's best model is the initial one
+        with open(os.path.join(run_folders(tmp_path, name)[-1], "info.log")) as file:
+            assert ("No validation beat the network as loaded" in file.read()) == warned
