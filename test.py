@@ -110,9 +110,8 @@ def evaluation_settings(args):
     that results computed differently are never mixed up (make_report.py shows them apart)."""
     options = faiss_indexes.index_options(args)
     kind = options.pop("kind")
-    used_options = {"ivfpq": ("nlist", "nprobe", "pq_m"), "hnsw": ("hnsw_m", "ef_search")}.get(kind, ())
     return {"test_image_size": args.test_image_size, "test_resize": args.test_resize, "faiss_index": kind,
-            "faiss_options": {name: options[name] for name in used_options},
+            "faiss_options": faiss_indexes.options_used(kind, options),
             "adabn_folder": args.adabn_folder and os.path.abspath(args.adabn_folder), "amp": args.eval_amp,
             "positive_dist_threshold": args.positive_dist_threshold}
 
