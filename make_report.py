@@ -138,6 +138,11 @@ class Run:
                           sort_keys=True, default=str)
 
     @property
+    def untrained(self):
+        """An eval.py run of the network as initialised (no --resume_model): a baseline, shown first."""
+        return self.results is not None and not self.results.get("model")
+
+    @property
     def test_settings(self):
         return (self.test_results or {}).get("settings")
 
@@ -327,14 +332,16 @@ class Group:
 
 def group_rows(rows, aggregate_seeds):
     """Rows whose owners have the same flags but --seed, and the same label, are seeds of one experiment; runs of
-    unknown flags are experiments of their own."""
+    unknown flags are experiments of their own. The untrained networks come first, the rest in the order run."""
     if not aggregate_seeds:
-        return [Group([row]) for row in rows]
-    groups = {}
-    for row in rows:
-        key = (row.owner.configuration or row.owner.folder, row.label)
-        groups.setdefault(key, Group([])).rows.append(row)
-    return list(groups.values())
+        groups = [Group([row]) for row in rows]
+    else:
+        groups = {}
+        for row in rows:
+            key = (row.owner.configuration or row.owner.folder, row.label)
+            groups.setdefault(key, Group([])).rows.append(row)
+        groups = list(groups.values())
+    return sorted(groups, key=lambda group: not group.rows[0].owner.untrained)  # stable: else chronological
 
 
 def name_groups(groups, aggregate_seeds):

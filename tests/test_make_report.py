@@ -164,11 +164,12 @@ def test_aggregate_seeds(tmp_path):
     logs = tmp_path / "logs"
     seed_runs(logs, [80.0, 82.0, 84.0])
     seed_runs(logs, [70.0], first_minute=20, lr=1e-4)  # another learning rate: another experiment
-    # Evaluations of the untrained network, without args.json: their flags come from info.log's command line
+    # Evaluations of the untrained network, run last and without args.json (their flags come from info.log's
+    # command line): the baseline rows still come first
     for seed, recall1 in enumerate([5.0, 7.0]):
-        write_run(str(logs / "untrained" / f"2024-01-01_00-0{seed}-00"),
+        write_run(str(logs / "untrained" / f"2024-01-01_00-3{seed}-00"),
                   results=eval_results(None, {"/data/sf_xs/val": {"R@1": recall1, "R@5": 9.0}}),
-                  info_log=f"2024-01-01 00:0{seed}:00   /x/eval.py --backbone resnet18 --seed {seed} --num_workers "
+                  info_log=f"2024-01-01 00:3{seed}:00   /x/eval.py --backbone resnet18 --seed {seed} --num_workers "
                            f"{seed} --save_dir untrained\n2024-01-01 00:00:01   Arguments: ...\n")
     _, rows, markdown = report(tmp_path)
     assert list(rows) == ["untrained (seed=0)", "untrained (seed=1)", "resnet18 (lr=1e-05, seed=0)",
