@@ -18,11 +18,15 @@ One row per model and evaluation settings, so that no number ever replaces anoth
   - an eval.py run of no model (the untrained network) or of a model that is not in a run folder has its own rows.
 Rows are named after args.json's save_dir (else the folder above the run); rows with the same name get the flags
 that differ between them ('(seed=1)'), else their run folder. Runs without args.json are compared by the command on
-the first line of their info.log. Rows are in the chronological order of the run folder they start from.
+the first line of their info.log. The untrained networks' rows come first, the others in the chronological order
+of the run folder they start from.
 
 --aggregate_seeds: the rows of runs that differ only by --seed (and by the flags that do not change results:
-logs_root, num_workers, device, command, git_commit, resume_model, resume_train) become one row of mean +- sample
-std over the seeds and n: '83.3 +- 1.2 (n=3)' (no std with n=1).
+logs_root, num_workers, device, command, git_commit, resume_model, resume_train, flags_from_checkpoint) become one
+row of mean +- sample std over the seeds and n: '83.3 +- 1.2 (n=3)' (no std with n=1). Paths (dataset, weights,
+caches) are compared by their last two components, so 'data/sf_xs' and '/home/me/data/sf_xs' are the same dataset.
+A flag that a run lacks (it predates the flag) differs from any value: name it in --ignore_flags when you know it
+cannot change those runs' results.
 
 Columns are named after the test set folders: .../sf_xs/val -> 'SF-XS val', .../tokyo_xs/test -> 'Tokyo-XS' (a
 dataset evaluated only on its test split keeps its name alone).
@@ -55,7 +59,12 @@ SPLIT_ORDER = ("train", "val", "test")
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 # Flags that do not change the results: runs that differ only by these (and --seed) are seeds of one experiment
-NOT_CONFIGURATION = {"logs_root", "command", "git_commit", "resume_model", "resume_train", "num_workers", "device"}
+NOT_CONFIGURATION = {"logs_root", "command", "git_commit", "resume_model", "resume_train", "num_workers", "device",
+                     "flags_from_checkpoint"}
+# Flags naming a file or folder: compared by their last two path components, as test sets name the columns, so that
+# runs that reached the same dataset or weights by another path (relative, absolute, moved) stay comparable
+PATH_FLAGS = {"dataset_folder", "train_set_folder", "val_set_folder", "test_set_folder", "pretrained",
+              "da_target_folder", "adabn_folder", "cache_folder", "preresize_cache", "descriptors_cache"}
 # eval.py's settings when no flag changes them: what a row of unknown reference settings is described against
 DEFAULT_SETTINGS = {"test_image_size": None, "test_resize": "shorter_side", "faiss_index": "exact",
                     "faiss_options": {}, "adabn_folder": None, "amp": "none"}
@@ -129,13 +138,17 @@ class Run:
         """Sorts runs chronologically: their folders are named after the time they started."""
         return os.path.basename(self.folder), self.folder
 
-    @property
-    def configuration(self):
+    def flags(self, ignored=frozenset()):
+        """The flags that set the run's results (paths by their last two components), but the ignored ones."""
+        short = lambda value: files.test_set_label(value) if isinstance(value, str) and os.sep in value else value
+        return {key: ([short(v) for v in value] if isinstance(value, list) else short(value)) if key in PATH_FLAGS
+                else value for key, value in self.args.items() if key not in NOT_CONFIGURATION | set(ignored)}
+
+    def configuration(self, ignored=frozenset()):
         """What runs that are seeds of one experiment share; None when the run's flags are unknown."""
         if not self.args:
             return None
-        return json.dumps({k: v for k, v in self.args.items() if k not in NOT_CONFIGURATION | {"seed"}},
-                          sort_keys=True, default=str)
+        return json.dumps(self.flags({"seed", *ignored}), sort_keys=True, default=str)
 
     @property
     def untrained(self):
@@ -330,7 +343,7 @@ class Group:
     name: str = ""
 
 
-def group_rows(rows, aggregate_seeds):
+def group_rows(rows, aggregate_seeds, ignored_flags=()):
     """Rows whose owners have the same flags but --seed, and the same label, are seeds of one experiment; runs of
     unknown flags are experiments of their own. The untrained networks come first, the rest in the order run."""
     if not aggregate_seeds:
@@ -338,13 +351,13 @@ def group_rows(rows, aggregate_seeds):
     else:
         groups = {}
         for row in rows:
-            key = (row.owner.configuration or row.owner.folder, row.label)
+            key = (row.owner.configuration(ignored_flags) or row.owner.folder, row.label)
             groups.setdefault(key, Group([])).rows.append(row)
         groups = list(groups.values())
     return sorted(groups, key=lambda group: not group.rows[0].owner.untrained)  # stable: else chronological
 
 
-def name_groups(groups, aggregate_seeds):
+def name_groups(groups, aggregate_seeds, ignored_flags=()):
     """save_dir [label]; groups with the same name get the flags that differ between them, else their run folder."""
     for group in groups:
         row = group.rows[0]
@@ -353,8 +366,8 @@ def name_groups(groups, aggregate_seeds):
         same = [group for group in groups if group.name == name]
         if len(same) < 2:
             continue
-        ignored = NOT_CONFIGURATION | ({"seed"} if aggregate_seeds else set())
-        flags = [{k: v for k, v in group.rows[0].owner.args.items() if k not in ignored} for group in same]
+        flags = [group.rows[0].owner.flags({*ignored_flags, *(["seed"] if aggregate_seeds else [])})
+                 for group in same]
         differing = sorted({k for f in flags for k in f if any(f.get(k) != other.get(k) for other in flags)})
         for group, group_flags in zip(same, flags):
             described = ", ".join(f"{k}={group_flags.get(k, '-')}" for k in differing)
@@ -493,15 +506,19 @@ def plot_training_curves(groups, path):
     files.atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=90))
 
 
-def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=False):
+def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=False, ignored_flags=()):
     """Writes the tables (and the curves when a run has metrics.jsonl); returns the markdown table and the rows."""
     load_run.cache_clear()  # runs go on writing their logs between two reports of one process
-    rows = build_rows([load_run(folder) for folder in find_run_folders(patterns)])
+    runs = [load_run(folder) for folder in find_run_folders(patterns)]
+    for flag in ignored_flags:
+        if not any(flag in run.args for run in runs):
+            print(f"Warning: --ignore_flags {flag}: no run has this flag", file=sys.stderr)
+    rows = build_rows(runs)
     columns = columns_of(rows)
     if not columns:
         raise ReportError(f"The runs in {' '.join(patterns)} have no recalls yet (no finished epoch or evaluation)")
-    groups = group_rows(rows, aggregate_seeds)
-    name_groups(groups, aggregate_seeds)
+    groups = group_rows(rows, aggregate_seeds, ignored_flags)
+    name_groups(groups, aggregate_seeds, ignored_flags)
     table = table_rows(groups, columns, recall_values)
     os.makedirs(out_folder, exist_ok=True)
     markdown = markdown_table(table, columns, recall_values, aggregate_seeds)
@@ -528,8 +545,11 @@ def main(argv=None):
                            help="N of the R@N columns (default: 1 5)")
     arguments.add_argument("--aggregate_seeds", action="store_true",
                            help="one row (and one curve) of mean +- std over the runs that differ only by --seed")
+    arguments.add_argument("--ignore_flags", nargs="+", default=[], metavar="FLAG",
+                           help="flags whose values neither split nor name rows: e.g. one added to the project after "
+                                "some of the runs were made, where it cannot change their results")
     args = arguments.parse_args(argv)
-    markdown, _ = make_report(args.runs, args.out, args.recall_values, args.aggregate_seeds)
+    markdown, _ = make_report(args.runs, args.out, args.recall_values, args.aggregate_seeds, args.ignore_flags)
     print(markdown)
     print(f"Tables and curves written to {args.out}")
 

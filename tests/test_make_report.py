@@ -195,6 +195,25 @@ def test_aggregate_seeds(tmp_path):
     assert r"resnet18 (lr=1e-05) & 81.0 $\pm$ 2.0 (n=3) &" in latex
 
 
+def test_seeds_reached_by_other_paths_or_made_before_a_flag_existed(tmp_path, capsys):
+    """A dataset and weights given by relative or absolute path are the same; a flag that an older run lacks keeps
+    the runs apart, named by it, until --ignore_flags says that it cannot change them."""
+    logs = tmp_path / "logs"
+    seed_runs(logs, [80.0], dataset_folder="/home/me/data/sf_xs", pretrained="/home/me/weights/r18.pth")
+    seed_runs(logs, [82.0], first_minute=21, dataset_folder="../data/sf_xs", pretrained="weights/r18.pth",
+              groups_order="upstream", flags_from_checkpoint={})
+    _, rows, _ = report(tmp_path, "--aggregate_seeds")
+    assert list(rows) == ["resnet18 (groups_order=-)", "resnet18 (groups_order=upstream)"]
+    _, rows, markdown = report(tmp_path, "--aggregate_seeds", "--ignore_flags", "groups_order", "grups_order")
+    assert "| resnet18 | 80.0 +- 1.4 (n=2) | 91.0 +- 0.0 (n=2) | 81.0 +- 1.4 (n=2) | 90.0 +- 0.0 (n=2) |" in markdown
+    assert "--ignore_flags grups_order: no run has this flag" in capsys.readouterr().err
+    # Other datasets or weights stay other experiments
+    seed_runs(logs, [60.0], first_minute=40, dataset_folder="/home/me/data/tokyo_xs", pretrained="weights/r18.pth",
+              groups_order="upstream")
+    _, rows, _ = report(tmp_path, "--aggregate_seeds", "--ignore_flags", "groups_order")
+    assert list(rows) == ["resnet18 (dataset_folder=data/sf_xs)", "resnet18 (dataset_folder=data/tokyo_xs)"]
+
+
 def test_curves_average_the_seeds_at_each_step(tmp_path):
     folders = seed_runs(tmp_path / "logs", [80.0, 82.0, 84.0])
     metrics = [make_report.load_run(folder).metrics for folder in folders]
