@@ -34,7 +34,8 @@ dataset evaluated only on its test split keeps its name alone).
 Writes to --out: results_table.md, results_table.tex, results_table.csv (the numbers exactly as in the logs - or
 mean, std and n in separate columns - and the log files they come from) and training_curves.png: loss, val R@1 and
 learning rates against iterations (epochs for old runs that log once an epoch), plus the SSL / DANN losses and the
-domain accuracy when a run has them; with --aggregate_seeds, the mean over the seeds with a +- std band.
+domain accuracy when a run has them; with --aggregate_seeds, the mean over the seeds with a +- std band. With it,
+curves_table.md: val R@1 at each validation step (runs that log steps), and the step of each best_model.pth.
 """
 
 import argparse
@@ -468,6 +469,25 @@ def curve(runs_metrics, key, x_key):
     return [(x, mean, std) for x, mean, std in points if mean is not None]
 
 
+def curves_markdown(groups):
+    """The learning curves as a table, the twin of the figure: val R@1 at each validation step (mean +- std over a
+    group's seeds), and the step of each run's best_model.pth (0: no validation beat the network as loaded)."""
+    series = [(group.name, [row.metrics for row in group.rows if row.metrics]) for group in groups]
+    series = [(name, metrics) for name, metrics in series
+              if metrics and all("step" in record for records in metrics for record in records)]
+    steps = sorted({record["step"] for _, metrics in series for records in metrics for record in records
+                    if "val_R@1" in record})
+    lines = ["| Experiment | n | " + " | ".join(f"{step}" for step in steps) + " | best step |",
+             "| --- | ---: |" + " ---: |" * len(steps) + " --- |"]
+    for name, metrics in series:
+        points = {x: (mean, std) for x, mean, std in curve(metrics, "val_R@1", "step")}
+        cells = [f"{points[step][0]:.1f}" + (f" +- {points[step][1]:.1f}" if points[step][1] is not None else "")
+                 if step in points else "–" for step in steps]
+        best_steps = ", ".join(str(best_record(records)["step"]) for records in metrics if best_record(records))
+        lines.append(f"| {name} | {len(metrics)} | " + " | ".join(cells) + f" | {best_steps} |")
+    return "\n".join(lines) + "\n" if series and steps else None
+
+
 def plot_training_curves(groups, path):
     """One panel per metric, one line per group (the mean over its seeds, with a +- std band), colours, line
     styles and markers cycled so that 30 lines stay apart, and the legend outside the panels."""
@@ -528,6 +548,9 @@ def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=Fals
     write_csv(table, columns, recall_values, os.path.join(out_folder, "results_table.csv"), aggregate_seeds)
     if any(row.metrics for row in rows):
         plot_training_curves(groups, os.path.join(out_folder, "training_curves.png"))
+        curves = curves_markdown(groups)
+        if curves:
+            files.atomic_write(os.path.join(out_folder, "curves_table.md"), lambda file: file.write(curves), mode="w")
     return markdown, table
 
 

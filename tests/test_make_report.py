@@ -193,6 +193,11 @@ def test_aggregate_seeds(tmp_path):
     assert float(rows["untrained"]["SF-XS val R@1 std"]) == pytest.approx(np.std([5.0, 7.0], ddof=1))
     latex = read_text(os.path.join(out, "results_table.tex"))
     assert r"resnet18 (lr=1e-05) & 81.0 $\pm$ 2.0 (n=3) &" in latex
+    # The curves as a table: val R@1 at each step (records 10, R@1 - 5, R@1 - 1 of seed_runs), the best steps
+    curves = read_text(os.path.join(out, "curves_table.md")).splitlines()
+    assert curves[0] == "| Experiment | n | 0 | 100 | 200 | best step |"
+    assert curves[2:] == ["| resnet18 (lr=1e-05) | 3 | 10.0 +- 0.0 | 77.0 +- 2.0 | 81.0 +- 2.0 | 200, 200, 200 |",
+                          "| resnet18 (lr=0.0001) | 1 | 10.0 | 65.0 | 69.0 | 200 |"]
 
 
 def test_seeds_reached_by_other_paths_or_made_before_a_flag_existed(tmp_path, capsys):
