@@ -70,16 +70,14 @@ def load_model_weights(model, path, checkpoint=None):
 
 @dataclass
 class TrainingProgress:
-    """Where a training is: the next epoch and iteration, the best val R@1 so far and the step of its validation
-    (that of best_model.pth), the losses of the current epoch (recorded_losses of them are already in a validation
-    record) and every validation record so far."""
+    """Where a training is: the next epoch and iteration, the best val R@1 so far, the losses of the current epoch
+    (recorded_losses of them are already in a validation record) and every validation record so far."""
     epoch_num: int = 0
     iteration: int = 0
     best_val_recall1: float = 0.0
     epoch_losses: list = field(default_factory=list)
     recorded_losses: int = 0
     metrics_history: list = field(default_factory=list)
-    best_step: int = None
 
     def add_validation(self, recalls, recall_values, **fields):
         """The record of a validation: fields, the mean of each loss term since the previous record, the val
@@ -90,9 +88,16 @@ class TrainingProgress:
                   **{f"val_R@{n}": float(r) for n, r in zip(recall_values, recalls)}}
         self.metrics_history.append(record)
         is_best = recalls[0] > self.best_val_recall1
-        if is_best:
-            self.best_val_recall1, self.best_step = recalls[0], fields.get("step")
+        self.best_val_recall1 = max(recalls[0], self.best_val_recall1)
         return record, is_best
+
+    @property
+    def best_step(self):
+        """The step of the validation best_model.pth was saved at: the first record whose first recall (R@1 by
+        default) reached best_val_recall1; None when no model was saved."""
+        first_recall = lambda record: next(value for key, value in record.items() if key.startswith("val_R@"))
+        return next((record.get("step") for record in self.metrics_history
+                     if self.best_val_recall1 > 0 and first_recall(record) == self.best_val_recall1), None)
 
 
 @dataclass
@@ -132,7 +137,6 @@ def save_training_checkpoint(path, state, progress, args, epoch_num, iteration, 
         "epoch_num": progress.epoch_num, "iteration": progress.iteration,
         "best_val_recall1": progress.best_val_recall1, "epoch_losses": progress.epoch_losses,
         "recorded_losses": progress.recorded_losses, "metrics_history": progress.metrics_history,
-        "best_step": progress.best_step,
         "model_state_dict": state.model.state_dict(), "optimizer_state_dict": state.model_optimizer.state_dict(),
         "classifiers_state_dict": [c.state_dict() for c in state.classifiers],
         "classifiers_optimizers_state_dict": [o.state_dict() for o in state.classifiers_optimizers],
@@ -188,7 +192,7 @@ def resume_training(path, state, args, world_size=1, rank=0, output_folder=None)
         state.scaler.load_state_dict(checkpoint["scaler_state_dict"])
     progress = TrainingProgress(checkpoint["epoch_num"], checkpoint["iteration"], checkpoint["best_val_recall1"],
                                 checkpoint["epoch_losses"], checkpoint.get("recorded_losses", 0),
-                                checkpoint["metrics_history"], checkpoint.get("best_step"))
+                                checkpoint["metrics_history"])
     progress.epoch_losses = [v if isinstance(v, dict) else {"loss": v} for v in progress.epoch_losses]  # old: floats
     rng_states = checkpoint["rng_states"]  # one per process (a dict in the checkpoints of the first release)
     rng_states = [rng_states] if isinstance(rng_states, dict) else rng_states

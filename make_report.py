@@ -121,6 +121,13 @@ def command_flags(info_log):
     return flags
 
 
+def comparable_path(value):
+    """A path flag's value by its last two components ('sf_xs/val'), each one of a list; 'imagenet' as it is."""
+    if isinstance(value, list):
+        return [comparable_path(item) for item in value]
+    return files.test_set_label(value) if isinstance(value, str) and os.sep in value else value
+
+
 @dataclass
 class Run:
     """A run folder and what its files say."""
@@ -141,9 +148,8 @@ class Run:
 
     def flags(self, ignored=frozenset()):
         """The flags that set the run's results (paths by their last two components), but the ignored ones."""
-        short = lambda value: files.test_set_label(value) if isinstance(value, str) and os.sep in value else value
-        return {key: ([short(v) for v in value] if isinstance(value, list) else short(value)) if key in PATH_FLAGS
-                else value for key, value in self.args.items() if key not in NOT_CONFIGURATION | set(ignored)}
+        return {key: comparable_path(value) if key in PATH_FLAGS else value
+                for key, value in self.args.items() if key not in NOT_CONFIGURATION | set(ignored)}
 
     def configuration(self, ignored=frozenset()):
         """What runs that are seeds of one experiment share; None when the run's flags are unknown."""
@@ -483,7 +489,7 @@ def curves_markdown(groups):
         points = {x: (mean, std) for x, mean, std in curve(metrics, "val_R@1", "step")}
         cells = [f"{points[step][0]:.1f}" + (f" +- {points[step][1]:.1f}" if points[step][1] is not None else "")
                  if step in points else "–" for step in steps]
-        best_steps = ", ".join(str(best_record(records)["step"]) for records in metrics if best_record(records))
+        best_steps = ", ".join(str(record["step"]) for record in map(best_record, metrics) if record)
         lines.append(f"| {name} | {len(metrics)} | " + " | ".join(cells) + f" | {best_steps} |")
     return "\n".join(lines) + "\n" if series and steps else None
 

@@ -34,7 +34,7 @@ def test_a_saved_training_comes_back_exactly(tmp_path):
     state, args = training_state(0), argparse.Namespace(lr=0.1, seed=0)
     train_one_step(state)
     progress = checkpoints.TrainingProgress(best_val_recall1=42.0, epoch_losses=[{"loss": 1.5}], recorded_losses=1,
-                                            metrics_history=[{"step": 3, "val_R@1": 42.0}], best_step=3)
+                                            metrics_history=[{"step": 3, "val_R@1": 42.0}])
     path = str(tmp_path / "last_checkpoint.pth")
     torch.manual_seed(123)
     checkpoints.save_training_checkpoint(path, state, progress, args, epoch_num=2, iteration=5)
