@@ -32,6 +32,9 @@ MAP_STYLES = {
 }
 MAP_MARGIN = 0.04  # of the larger side of the data
 MAP_MIN_MARGIN_M = 10
+# How the groups are listed (and the first --groups_num trained), in the words of the summary
+GROUPS_ORDER_WORDS = {"upstream": "in CosPlace's order, as they first appear in the sorted file list",
+                      "size": "the largest first"}
 
 
 def build_parser():
@@ -98,7 +101,7 @@ def class_statistics(train, args):
     all_sizes = [len(c) for g in all_groups for c in g]
     kept_sizes = [len(c) for g in groups for c in g]
     stats = {"M": args.M, "alpha": args.alpha, "N": args.N, "L": args.L,
-             "min_images_per_class": args.min_images_per_class,
+             "min_images_per_class": args.min_images_per_class, "groups_order": args.groups_order,
              "classes_total": len(all_sizes), "classes_kept": len(kept_sizes),
              "classes_dropped": len(all_sizes) - len(kept_sizes),
              "images_in_kept_classes": int(sum(kept_sizes)), "groups": len(groups),
@@ -242,7 +245,8 @@ def markdown_summary(summary):
                   f"- classes: {c['classes_total']} in all, {c['classes_kept']} kept, {c['classes_dropped']} dropped "
                   f"(fewer than {c['min_images_per_class']} images)",
                   f"- images in kept classes: {c['images_in_kept_classes']}",
-                  f"- groups with kept classes: {c['groups']} (the largest first; use --groups_num <= {c['groups']})",
+                  f"- groups with kept classes: {c['groups']} ({GROUPS_ORDER_WORDS[c['groups_order']]}, "
+                  f"--groups_order {c['groups_order']}; use --groups_num <= {c['groups']})",
                   f"- classes per group: {c['classes_per_group']}",
                   f"- images per group: {c['images_per_group']}"]
         if "images_per_kept_class" in c:

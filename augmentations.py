@@ -6,8 +6,8 @@ resized crops written here for speed, kornia for the others).
 ColorJitter(0.7, 0.7, 0.7, 0.5) then RandomResizedCrop(image_size, scale=(0.5, 1)). The other augmentations'
 defaults follow torchvision's. Random parameters come from torch's global RNG: a fixed seed reproduces them.
 
-Preview (a row per augmentation of the list, then the whole chain): python visualizations.py --dataset_folder D
---out DIR --augmentations night random_perspective:0.3
+Preview (a row per augmentation of the list, then the whole chain): python preview_augmentations.py
+--dataset_folder D --out DIR --augmentations night random_perspective:0.3
 """
 
 import math

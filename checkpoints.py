@@ -67,6 +67,14 @@ def load_model_weights(model, path, checkpoint=None):
                               + mismatch)
     model.load_state_dict(state_dict)
 
+# Fields of a metrics record that measure the machine (speed, memory, time), not the training: two runs of the same
+# training differ in them only
+MEASUREMENT_SUFFIXES = ("_time_s", "_per_s", "_memory_mb")
+
+
+def is_measurement(key):
+    return str(key).endswith(MEASUREMENT_SUFFIXES)
+
 
 @dataclass
 class TrainingProgress:
@@ -90,6 +98,11 @@ class TrainingProgress:
         is_best = recalls[0] > self.best_val_recall1
         self.best_val_recall1 = max(recalls[0], self.best_val_recall1)
         return record, is_best
+
+    def next_epoch(self):
+        """Where the loop stands once an epoch is done (its losses are all in its last record)."""
+        self.epoch_num, self.iteration = self.epoch_num + 1, 0
+        self.epoch_losses, self.recorded_losses = [], 0
 
     @property
     def best_step(self):
@@ -119,11 +132,11 @@ def weights_are_finite(modules):
                if t.is_floating_point())
 
 
-def save_training_checkpoint(path, state, progress, args, epoch_num, iteration, world_size=1, is_main=True):
+def save_training_checkpoint(path, state, progress, args, world_size=1, is_main=True):
     """Writes last_checkpoint.pth atomically (a kill at any moment leaves the previous checkpoint or this one): a
-    run resumed from it starts at epoch_num, iteration. With the RNG states of every process: with DDP every process
-    calls it, the main one writes. Weights that became NaN or infinite stop the run instead (TrainingDiverged)."""
-    progress.epoch_num, progress.iteration = epoch_num, iteration
+    run resumed from it starts at progress.epoch_num, progress.iteration (set by the training loop). With the RNG
+    states of every process: with DDP every process calls it, the main one writes. Weights that became NaN or
+    infinite stop the run instead (TrainingDiverged)."""
     if not weights_are_finite([state.model, *state.classifiers]):
         raise TrainingDiverged(non_finite_message("The weights became non-finite", progress.epoch_num,
                                                   progress.iteration, path))

@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import datetime
 import logging
 import os
 import random
@@ -131,6 +132,22 @@ def warn_ineffective_flags(args):
         logging.warning(f"{', '.join(ineffective)}: no effect on the CPU (it runs in fp32, decoding on the CPU)")
 
 
+def peak_memory_mb(device):
+    """The peak memory of this process so far, in MB: the tensors allocated on a CUDA device
+    (torch.cuda.max_memory_allocated), else the peak resident memory of the process (RSS, loader workers apart)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # KB on Linux
+
+
+def duration_to_str(seconds):
+    """'45 s', '12 min', '3.4 h': a duration as a person reads it."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
 class PendingLosses:
     """The loss terms of each iteration, kept on the device and read in one go (each read waits for the device)."""
 
@@ -219,10 +236,67 @@ def resume_hint(checkpoint_path, argv=None):
             f"--resume_train {checkpoint_path}")
 
 
+MAIN_ONLY_TIMEOUT = datetime.timedelta(hours=12)
+
+
 def computed_on_main(compute, world_size=1, is_main=True):
-    """compute() run by the main process only (a file it writes, a validation), its result sent to every process."""
+    """compute() run by the main process only (a file it writes: --preresize_cache), its result sent to every process.
+    The others wait for it in a gloo group of its own whose timeout is MAIN_ONLY_TIMEOUT, not the default group's
+    (10 minutes with NCCL), so that hours of work on the main process do not kill the job."""
+    if world_size == 1:
+        return compute()
+    import torch.distributed as dist
+    group = dist.new_group(backend="gloo", timeout=MAIN_ONLY_TIMEOUT)
     result = [compute() if is_main else None]
-    if world_size > 1:
-        import torch.distributed as dist
-        dist.broadcast_object_list(result, src=0)
+    dist.broadcast_object_list(result, src=0, group=group)
+    dist.destroy_process_group(group)
     return result[0]
+
+
+def shard(indices, world_size=1, rank=0):
+    """This process's contiguous part of indices (a range or a list): equal parts, the first ranks taking one more
+    when world_size does not divide their number."""
+    size, extra = divmod(len(indices), world_size)
+    start = rank * size + min(rank, extra)
+    return indices[start: start + size + (rank < extra)]
+
+
+def all_gather_rows(rows, values, world_size, device="cpu"):
+    """(rows, values) of every DDP process concatenated in rank order: each gives the row numbers it computed
+    (int64 [n]) and their values (float32 [n, D], None when n is 0), every process gets all of them. Tensors are
+    padded to the longest part (all_gather needs equal sizes) and sent on device (NCCL needs the GPU)."""
+    import torch.distributed as dist
+    shape = torch.tensor([len(rows), 0 if values is None else values.shape[1]], device=device)
+    shapes = [torch.zeros_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    longest, dimension = max(int(s[0]) for s in shapes), max(int(s[1]) for s in shapes)
+    padded_rows = torch.zeros(longest, dtype=torch.int64, device=device)
+    padded_values = torch.zeros(longest, dimension, dtype=torch.float32, device=device)
+    padded_rows[:len(rows)] = torch.as_tensor(rows, dtype=torch.int64)
+    if len(rows):
+        padded_values[:len(rows)] = torch.as_tensor(values)
+    gathered_rows = [torch.empty_like(padded_rows) for _ in range(world_size)]
+    gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
+    dist.all_gather(gathered_rows, padded_rows)
+    dist.all_gather(gathered_values, padded_values)
+    counts = [int(s[0]) for s in shapes]
+    return (torch.cat([r[:n] for r, n in zip(gathered_rows, counts)]).cpu().numpy(),
+            torch.cat([v[:n] for v, n in zip(gathered_values, counts)]).cpu().numpy())
+
+
+def mean_over_processes(records, world_size=1, device="cpu"):
+    """records (PendingLosses.read: a list of {name: value}, the same names on every process) averaged term by term
+    over the DDP processes: every process logs the same losses, and a non-finite loss on one of them makes the mean
+    non-finite on all, so that checkpoints.check_finite_losses stops them all at the same iteration."""
+    if world_size == 1 or not records:
+        return records
+    import torch.distributed as dist
+    values = torch.tensor([value for record in records for value in record.values()], dtype=torch.float64,
+                          device=device)
+    dist.all_reduce(values)
+    values = (values / world_size).cpu().tolist()
+    averaged, position = [], 0
+    for record in records:
+        averaged.append(dict(zip(record, values[position:position + len(record)])))
+        position += len(record)
+    return averaged

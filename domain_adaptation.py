@@ -9,11 +9,13 @@ on target images, so that the features are normalised as the target domain needs
 
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets.dataset_utils import DatasetError, find_images
 from datasets.image_loading import normalized_batches
 
 
@@ -83,9 +85,15 @@ class DANN(nn.Module):
 
 
 def build_dann(args, augmentation, descriptors_dim, make_target_batches):
-    """The DANN auxiliary loss towards --da_target_folder, or None without it."""
+    """The DANN auxiliary loss towards --da_target_folder, or None without it; logs the target folder and its
+    number of images (a wrong folder, or one of a few images, shows at once)."""
     if args.da_target_folder is None:
         return None
+    if not os.path.isdir(args.da_target_folder):
+        raise DatasetError(f"--da_target_folder {args.da_target_folder} does not exist: give a folder of target "
+                           f"images (any names, e.g. the night queries of a test set)")
+    logging.info(f"DANN: target domain {args.da_target_folder} ({len(find_images(args.da_target_folder)):,} images), "
+                 f"weight {args.da_weight}")
     return DANN(args.da_weight, augmentation, descriptors_dim, args.epochs_num * args.iterations_per_epoch,
                 make_target_batches)
 

@@ -19,7 +19,9 @@ skipped, and an interrupted run leaves nothing half-made at the destination, so 
 import json
 import os
 import shutil
+import socket
 import tarfile
+import urllib.parse
 import urllib.request
 import zipfile
 
@@ -69,8 +71,21 @@ def layout_problems(folder, splits):
     return problems
 
 
+def check_network(url):
+    """A DownloadError naming the network when url's host cannot be resolved: the download errors of a machine
+    without DNS blamed the link ('moved, private or over its quota?')."""
+    host = urllib.parse.urlparse(url).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError) as e:
+        raise DownloadError(f"Cannot resolve {host} ({e}): this machine has no network (or no DNS), the link is not "
+                            f"at fault; connect it, or download the archive elsewhere and pass --archive NAME=PATH") \
+            from None
+
+
 def download(url, path):
     """Downloads url to path: Google Drive through gdown (imported only then), anything else with urllib."""
+    check_network(url)
     if "drive.google.com" in url or "docs.google.com" in url:
         try:
             import gdown

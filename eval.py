@@ -43,10 +43,11 @@ def evaluate(args):
     import checkpoints
     import commons
     import domain_adaptation
+    import reranking
     import test
     import visualizations
     from datasets.image_check import make_image_check
-    from datasets.test_dataset import TestDataset
+    from datasets.test_dataset import query_sets
     from datasets.unlabeled_dataset import UnlabeledDataset
     from model import network
 
@@ -58,6 +59,8 @@ def evaluate(args):
     commons.log_arguments(args, output_folder)
     commons.make_deterministic(args.seed)  # without --resume_model, the same initialisation as train.py's
     commons.reuse_freed_memory()
+    if args.rerank != "none":  # a matcher without its weights fails now, not after the descriptors
+        reranking.build_matcher(args.rerank, args.rerank_keypoints)
     model = network.build_model(args)
     if args.resume_model is not None:
         logging.info(f"Loading model from {args.resume_model}")
@@ -71,23 +74,27 @@ def evaluate(args):
                                           args.device, args.infer_batch_size, args.num_workers)
     results = {"model": args.resume_model and os.path.abspath(args.resume_model),
                "model_sha256": args.resume_model and files.sha256_of(args.resume_model),
-               "git_commit": files.git_commit(), "settings": test.evaluation_settings(args), "test_sets": {}}
+               "git_commit": files.git_commit(), "settings": test.evaluation_settings(args), "test_sets": {},
+               "labels": {}}
     rows = []
     for folder in args.test_set_folder:
-        test_ds = TestDataset(folder, args.positive_dist_threshold, args.test_image_size, args.on_bad_name,
-                              make_image_check(args, test_set=True), args.decode_on_gpu, args.test_resize)
-        logging.info(f"Testing on {test_ds}")
-        recalls, predictions, descriptors = test.test(args, test_ds, model, return_details=True)
-        logging.info(f"{test_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
-        name = files.test_set_label(folder)
-        test_set_output_folder = os.path.join(output_folder, name.replace("/", "_"))
-        if args.save_descriptors:
-            save_descriptors(test_ds, descriptors, predictions, test_set_output_folder)
-        rows.append((name, recalls))
-        results["test_sets"][folder] = {f"R@{n}": float(r) for n, r in zip(args.recall_values, recalls)}
-        visualizations.save_predictions_report(
-            predictions, test_ds, test_set_output_folder, args.num_preds_to_save, args.save_only_wrong_preds,
-            title=test.results_title(test_ds, args.resume_model, recalls, args.recall_values))
+        test_sets = query_sets(args, folder, make_image_check(args, test_set=True))
+        for test_ds, recalls, predictions, descriptors in test.test_query_sets(args, test_sets, model):
+            test_set_output_folder = os.path.join(output_folder, test_ds.label.replace("/", "_"))
+            if args.save_descriptors:
+                save_descriptors(test_ds, descriptors, predictions, test_set_output_folder)
+            recalls, predictions, reranking = test.rerank_test(args, test_ds, predictions, recalls)
+            rows.append((test_ds.label, recalls))
+            # keyed by the query folder's path, but for the usual one (queries/): the test folder, as before
+            key = folder if test_ds.label == files.test_set_label(folder) else test_ds.queries_folder
+            results["test_sets"][key] = test.recalls_record(recalls, args.recall_values, reranking)
+            if reranking is not None:  # apart from the recalls: a rerun takes another time, not another result
+                results.setdefault("rerank_ms_per_query", {})[key] = reranking.ms_per_query
+            results["labels"][key] = test_ds.label
+            visualizations.save_predictions_report(
+                predictions, test_ds, test_set_output_folder, args.num_preds_to_save, args.save_only_wrong_preds,
+                title=test.results_title(test_ds, args.resume_model, recalls, args.recall_values),
+                matches=reranking and reranking.top1_matches)
     logging.info("\n" + results_table(rows, args.recall_values))
     files.atomic_json_dump(results, os.path.join(output_folder, "results.json"))
     return results

@@ -36,6 +36,9 @@ def exact_index(descriptors, **_):
     return index
 
 
+TRAINING_POINTS_PER_CELL = 64  # k-means of the cells on at most 64 x nlist images (FAISS: 256): 4x faster at 1M
+
+
 def ivfpq_index(descriptors, nlist=0, nprobe=32, pq_m=64, **_):
     """Inverted lists (nlist k-means cells, nprobe of them visited per query) of product-quantised vectors
     (pq_m bytes per image): for databases of millions of images that would not fit in memory exactly."""
@@ -45,6 +48,7 @@ def ivfpq_index(descriptors, nlist=0, nprobe=32, pq_m=64, **_):
     nlist = nlist or max(1, min(int(4 * np.sqrt(images_num)), images_num // 39))  # >= 39 training points per cell
     bits = int(min(8, np.log2(images_num)))  # each sub-quantizer's 2^bits centroids need as many training points
     index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dimension), dimension, nlist, pq_m, bits)
+    index.cp.max_points_per_centroid = TRAINING_POINTS_PER_CELL
     with faiss_warnings_summarised(f"training the approximate index on {images_num} database images"):
         index.train(descriptors)
     index.add(descriptors)

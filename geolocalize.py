@@ -11,6 +11,11 @@ fields 3/4). The database descriptors are computed once and cached in --descript
 keyed by the model's weights, the database files (names, sizes, modification times) and the flags that change
 descriptors (test.dataset_descriptors).
 
+With --rerank sift (or a learned matcher of reranking.MATCHERS), the first --rerank_k database images found for each
+photo are re-ranked by their number of local feature matches with it that a RANSAC homography verifies (the database
+images' local features are cached in --descriptors_cache too); each top-k image then carries its count, and the
+picture shows the verified matches of the top-1.
+
 For each photo it prints the estimated position (the top-1's), the spread of the top-k (the largest distance of a
 top-k position from the top-1: small when the top-k agree) and the top-k images with their positions; if the photo's
 own name carries its position, also the error of the estimate. It writes <out>/<photo>_top<k>.jpg (framed green within
@@ -76,8 +81,9 @@ def as_text(place):
     return f"{place['latitude']:.6f}, {place['longitude']:.6f}"
 
 
-def geolocalize_photo(photo, predictions, database_paths, database_utms, args):
-    """The estimate of one photo (the top-1's position), the spread of the top-k, the error when known."""
+def geolocalize_photo(photo, predictions, database_paths, database_utms, args, verified_matches=None):
+    """The estimate of one photo (the top-1's position), the spread of the top-k, the error when known; with
+    verified_matches ({database index: count} of the re-ranked images), each top-k image's count."""
     predictions = predictions[predictions >= 0]  # an approximate --faiss_index may find fewer than k
     top_utms = database_utms[predictions]
     from_top1 = np.linalg.norm(top_utms - top_utms[0], axis=1)
@@ -85,6 +91,9 @@ def geolocalize_photo(photo, predictions, database_paths, database_utms, args):
               "top_k": [{"rank": rank, "path": database_paths[p], **position(database_paths[p]),
                          "distance_from_top1_m": float(d)}
                         for rank, (p, d) in enumerate(zip(predictions, from_top1), start=1)]}
+    if verified_matches is not None:
+        for item, p in zip(result["top_k"], predictions):
+            item["verified_matches"] = int(verified_matches[p]) if p in verified_matches else None
     truth = position(photo)
     if truth is not None:
         result["true_position"] = truth
@@ -94,9 +103,9 @@ def geolocalize_photo(photo, predictions, database_paths, database_utms, args):
     return result
 
 
-def save_picture(result, args, name):
+def save_picture(result, args, name, top1_matches=None):
     """<out>/<name>: the photo next to its top-k, captioned with their distance from the photo (when known) or from
-    the top-1."""
+    the top-1; with top1_matches (re-ranking's points of the verified matches with the top-1), those below."""
     import visualizations  # draws with PIL and imports torch: only once the flags are parsed
     tiles = [visualizations.tile(result["photo"], "photo", visualizations.GREY)]
     for item in result["top_k"]:
@@ -107,8 +116,13 @@ def save_picture(result, args, name):
         else:
             color, caption = visualizations.GREY, f"#{item['rank']}  {item['distance_from_top1_m']:.0f} m from #1"
         tiles.append(visualizations.tile(item["path"], caption, color))
+    image = visualizations.row_image(tiles)
+    if top1_matches is not None:
+        image = visualizations.stack_rows([image, visualizations.matches_image(
+            result["photo"], result["top_k"][0]["path"], *top1_matches,
+            f"{len(top1_matches[0])} verified matches with #1 (re-ranking by {args.rerank})")])
     path = os.path.join(args.out, name)
-    visualizations.row_image(tiles).save(path, quality=90)
+    image.save(path, quality=90)
     return path
 
 
@@ -119,7 +133,8 @@ def report(result):
         lines.append(f"  true position (from its name): {as_text(result['true_position'])}; "
                      f"error of the estimate: {result['error_m']:.1f} m")
     for item in result["top_k"]:
-        lines.append(f"  #{item['rank']}  {as_text(item)}  {item['distance_from_top1_m']:7.1f} m from #1  "
+        matches = "" if item.get("verified_matches") is None else f"  {item['verified_matches']:4d} matches"
+        lines.append(f"  #{item['rank']}  {as_text(item)}  {item['distance_from_top1_m']:7.1f} m from #1{matches}  "
                      f"{item['path']}")
     return "\n".join(lines)
 
@@ -128,6 +143,7 @@ def geolocalize(args):
     """Returns one result per photo (see geolocalize_photo) and writes the pictures and geolocalize.json."""
     import checkpoints  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
     import faiss_indexes
+    import reranking
     import test
     from datasets.dataset_utils import find_images, read_utms
     from datasets.image_loading import ImageListDataset
@@ -144,18 +160,32 @@ def geolocalize(args):
                               test_resize=args.test_resize)
     photos_descriptors = test.compute_descriptors(model, photos, args.device, args.infer_batch_size, args.num_workers,
                                                   args.eval_amp, args.channels_last, description="photos descriptors")
-    predictions = faiss_indexes.knn_search(descriptors, photos_descriptors, args.top_k,
+    reranked = args.rerank != "none"
+    predictions = faiss_indexes.knn_search(descriptors, photos_descriptors,
+                                           max(args.top_k, args.rerank_k) if reranked else args.top_k,
                                            **faiss_indexes.index_options(args))
+    verified, top1_matches = [None] * len(args.photos), [None] * len(args.photos)
+    if reranked:
+        matcher = reranking.build_matcher(args.rerank, args.rerank_keypoints)
+        reranking_result = reranking.rerank(
+            matcher, args.rerank, predictions, args.rerank_k, test.feature_store(args, matcher, args.photos, "photos",
+                                                                                 cached=False),
+            test.feature_store(args, matcher, database_paths, database.dataset_name))
+        logging.info(f"Re-ranked by {args.rerank}@{args.rerank_k}: {reranking_result.ms_per_query:.0f} ms per photo")
+        verified = [dict(zip(row[:args.rerank_k], counts)) for row, counts in zip(predictions, reranking_result.inliers)]
+        predictions, top1_matches = reranking_result.predictions, reranking_result.top1_matches
+    predictions = predictions[:, :args.top_k]
     os.makedirs(args.out, exist_ok=True)
     results, names = [], set()
     for index, (photo, photo_predictions) in enumerate(zip(args.photos, predictions)):
-        result = geolocalize_photo(photo, photo_predictions, database_paths, database_utms, args)
+        result = geolocalize_photo(photo, photo_predictions, database_paths, database_utms, args, verified[index])
         name = f"{os.path.splitext(os.path.basename(photo))[0]}_top{args.top_k}.jpg"
         name = name if name not in names else f"{index}_{name}"  # two photos of the same name in two folders
         names.add(name)
-        result["picture"] = save_picture(result, args, name)
+        result["picture"] = save_picture(result, args, name, top1_matches[index])
         results.append(result)
-    files.atomic_json_dump({"model": args.resume_model, "database_folder": args.database_folder, "photos": results},
+    files.atomic_json_dump({"model": args.resume_model, "database_folder": args.database_folder,
+                            "rerank": test.rerank_settings(args) or None, "photos": results},
                            os.path.join(args.out, "geolocalize.json"))
     return results
 

@@ -29,16 +29,26 @@ A flag that a run lacks (it predates the flag) differs from any value: name it i
 cannot change those runs' results.
 
 Columns are named after the test set folders: .../sf_xs/val -> 'SF-XS val', .../tokyo_xs/test -> 'Tokyo-XS' (a
-dataset evaluated only on its test split keeps its name alone).
+dataset evaluated only on its test split keeps its name alone), a second query folder after its test set:
+.../tokyo_xs/test/night -> 'Tokyo-night'. So the course's table (SF-XS val, SF-XS test, Tokyo-XS, Tokyo-night) comes
+first, other test sets after it. Every row says the test image size of its recalls ('native', '224', '224 square'),
+and a row whose best_model.pth is the network as loaded (no validation beat the one before training, step 0: a
+short --recipe cosplace run from ImageNet weights) is flagged '(best = step 0)', or '(best = step 0 in k of n)' seeds.
 
 Writes to --out: results_table.md, results_table.tex, results_table.csv (the numbers exactly as in the logs - or
 mean, std and n in separate columns - and the log files they come from) and training_curves.png: loss, val R@1 and
-learning rates against iterations (epochs for old runs that log once an epoch), plus the SSL / DANN losses and the
-domain accuracy when a run has them; with --aggregate_seeds, the mean over the seeds with a +- std band. With it,
-curves_table.md: val R@1 at each validation step (runs that log steps), and the step of each best_model.pth.
+learning rates against iterations (epochs for old runs that log once an epoch), plus the classification loss apart
+from the weighted SSL / DANN terms, those terms and the domain accuracy when a run has them; with --aggregate_seeds,
+the mean over the seeds with a +- std band. With it, curves_table.md: val R@1 at each validation step (runs that log
+steps), and the step of each best_model.pth. For a paper: each panel alone in curves/<metric>.{png,pdf,svg}
+(--panels, --curves_of and --legend choose the panels, the experiments and their legend names), and report.tex, a
+LaTeX skeleton of the report with the table and these figures. failures.md, the recurring mistakes per test set
+(from the predictions.csv of the results): the database images that are the wrong top-1 of the most queries over the
+models of the table, and the queries that every one of them misses.
 """
 
 import argparse
+import collections
 import csv
 import glob
 import json
@@ -57,6 +67,8 @@ RUN_FILES = ("results.json", "test_results.json", "metrics.jsonl")
 DATASET_NAMES = {"sf_xs": "SF-XS", "tokyo_xs": "Tokyo-XS", "sf_xl": "SF-XL", "tokyo247": "Tokyo 24/7",
                  "pitts30k": "Pitts30k", "pitts250k": "Pitts250k", "msls": "MSLS", "st_lucia": "St Lucia"}
 SPLIT_ORDER = ("train", "val", "test")
+# Test set label -> column title, where the general rule ('Tokyo-XS night') is not the name the course uses
+COLUMN_TITLES = {"tokyo_xs/test/night": "Tokyo-night"}
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 # Flags that do not change the results: runs that differ only by these (and --seed) are seeds of one experiment
@@ -69,11 +81,15 @@ PATH_FLAGS = {"dataset_folder", "train_set_folder", "val_set_folder", "test_set_
 # eval.py's settings when no flag changes them: what a row of unknown reference settings is described against
 DEFAULT_SETTINGS = {"test_image_size": None, "test_resize": "shorter_side", "faiss_index": "exact",
                     "faiss_options": {}, "adabn_folder": None, "amp": "none"}
+# The settings of a re-ranked test (absent from a plain one's)
+RERANK_SETTINGS = ("rerank", "rerank_k", "rerank_image_size", "rerank_keypoints")
 # (metrics.jsonl key, panel title, log scale); the optional ones get a panel only when some run logs them
-CURVES = [("loss", "Training loss", False), ("val_R@1", "Validation R@1 (%)", False),
+CURVES = [("loss", "Training loss (all terms)", False), ("val_R@1", "Validation R@1 (%)", False),
           ("lr", "Backbone learning rate", True), ("classifiers_lr", "Classifiers learning rate", True)]
-OPTIONAL_CURVES = [("ssl_loss", "SSL loss", False), ("dann_loss", "DANN loss", False),
-                   ("dann_domain_accuracy", "DANN domain accuracy", False)]
+OPTIONAL_CURVES = [("classification_loss", "Classification loss", False), ("ssl_loss", "SSL loss", False),
+                   ("dann_loss", "DANN loss", False), ("dann_domain_accuracy", "DANN domain accuracy", False)]
+# The weighted auxiliary terms that train.py adds to the classification loss in "loss"
+AUXILIARY_LOSSES = ("ssl_loss", "dann_loss")
 LINE_STYLES, MARKERS = ("-", "--", "-.", ":"), "os^Dvx*"  # 7 markers and 10 colours: 70 distinct lines
 
 
@@ -100,6 +116,15 @@ def read_metrics(path):
                 except json.JSONDecodeError:
                     print(f"Warning: {path} line {line_number} is not valid JSON, skipped", file=sys.stderr)
     return records
+
+
+def with_classification_loss(record):
+    """The record, with the classification loss apart ("classification_loss": "loss" less its weighted auxiliary
+    terms, means of the same iterations) when it has auxiliary terms: "loss" alone mixed them in."""
+    auxiliary = [record[key] for key in AUXILIARY_LOSSES if record.get(key) is not None]
+    if auxiliary and record.get("loss") is not None:
+        return {**record, "classification_loss": record["loss"] - sum(auxiliary)}
+    return record
 
 
 def command_flags(info_log):
@@ -176,7 +201,7 @@ def load_run(folder):
     elif os.path.isfile(path("info.log")):
         run.args = command_flags(path("info.log"))
     if os.path.isfile(path("metrics.jsonl")):
-        run.metrics = read_metrics(path("metrics.jsonl"))
+        run.metrics = [with_classification_loss(record) for record in read_metrics(path("metrics.jsonl"))]
     if os.path.isfile(path("test_results.json")):
         run.test_results = read_json(path("test_results.json"))
     if os.path.isfile(path("results.json")):
@@ -244,18 +269,27 @@ def evaluations_of(run):
             cells[files.test_set_label(run.args["val_set_folder"])] = (recalls_of(best_record(run.metrics), "val_"),
                                                                       metrics_path)
         if run.test_results:
-            cells[files.test_set_label(run.test_results["dataset"])] = (
-                recalls_of(run.test_results), os.path.join(run.folder, "test_results.json"))
+            cells.update(results_cells(run.test_results, os.path.join(run.folder, "test_results.json")))
         evaluations.append(Evaluation(run, run, os.path.join(run.folder, "best_model.pth"), run.test_settings,
                                       "train.py", cells))
     if run.results:
         model = run.results.get("model") and os.path.abspath(run.results["model"])
         owner = load_run(os.path.dirname(model)) if model and is_run_folder(os.path.dirname(model)) else run
-        source = os.path.join(run.folder, "results.json")
         evaluations.append(Evaluation(run, owner, model, run.results.get("settings"), "eval.py",
-                                      {files.test_set_label(folder): (recalls, source)
-                                       for folder, recalls in run.results["test_sets"].items()}))
+                                      results_cells(run.results, os.path.join(run.folder, "results.json"))))
     return evaluations
+
+
+def results_cells(results, source):
+    """{test set label: (recalls, source)} of a results file: eval.py's (test_sets, and the labels of their query
+    folders: 'tokyo_xs/test/night'), or a test_results.json of train.py ('dataset' and the recalls of its usual query
+    folder, those of the others under 'other_query_sets', keyed by label)."""
+    if "test_sets" not in results:
+        return {files.test_set_label(results["dataset"]): (recalls_of(results), source),
+                **{label: (recalls_of(record), source) for label, record in results.get("other_query_sets", {}).items()}}
+    labels = results.get("labels", {})  # absent before query folders: each key is then a test folder
+    return {labels.get(key) or files.test_set_label(key): (recalls, source)
+            for key, recalls in results["test_sets"].items()}
 
 
 def describe_settings(settings, reference):
@@ -276,15 +310,26 @@ def describe_settings(settings, reference):
                      else "no AdaBN")
     if differs("amp"):
         words.append(f"AMP {settings.get('amp')}")
+    if any(differs(key) for key in RERANK_SETTINGS):
+        words.append(rerank_words(settings) or "no rerank")
     return words
 
 
+def rerank_words(settings):
+    """'rerank sift@20 (384 px, 1024 keypoints)' for a re-ranked test (test.rerank_settings), '' for a plain one."""
+    if not (settings or {}).get("rerank"):
+        return ""
+    return (f"rerank {settings['rerank']}@{settings['rerank_k']} ({settings['rerank_image_size']} px, "
+            f"{settings['rerank_keypoints']} keypoints)")
+
+
 def row_label(evaluation):
-    """What sets an evaluation of a training run's model apart from the run's own test ('' for that test); an
-    eval.py run of its own (untrained) model only says when its settings are unknown."""
+    """What sets an evaluation of a training run's model apart from the run's own test ('' for that test, unless it
+    was re-ranked); an eval.py run of its own (untrained) model only says when its settings are unknown or re-ranked."""
     owner = evaluation.owner
-    if evaluation.script == "train.py" or evaluation.run is owner:
-        return "settings unknown" if evaluation.script == "eval.py" and evaluation.settings is None else ""
+    if evaluation.script == "train.py" or evaluation.run is owner:  # its own test: only a re-ranking is named
+        return "settings unknown" if evaluation.script == "eval.py" and evaluation.settings is None else \
+            rerank_words(evaluation.settings)
     words = [os.path.basename(evaluation.model)] if os.path.basename(evaluation.model) != "best_model.pth" else []
     words += describe_settings(evaluation.settings, owner.test_settings or DEFAULT_SETTINGS)
     if not words and owner.test_settings is None:  # default settings, while the owner's test ones are unknown
@@ -299,11 +344,32 @@ class Row:
     label: str  # '' or what sets the row apart from the owner's own test: 'ivfpq nprobe=32'
     runs: list  # the runs its numbers come from, the first one places the row
     cells: dict = field(default_factory=dict)  # test set label -> (recalls, log file)
+    model: str = None  # the model file, None for the untrained network
+    test_size: str = "?"  # the test image size of its recalls (test_size)
 
     @property
     def metrics(self):
         """The training curves of the owner's own row."""
         return self.owner.metrics if any(run is self.owner for run in self.runs) else []
+
+
+def test_size(settings, args):
+    """The test image size of an evaluation, shown in every row (tables that mixed 224 px and native rows without
+    saying so misled): 'native', '224' (the shorter side), '224 square'. From the evaluation's settings, else from the
+    flags of its run (a training run not tested yet validates with them); '?' when neither says."""
+    source = settings if settings is not None else args
+    if "test_image_size" not in source:
+        return "?"
+    size = source["test_image_size"]
+    return "native" if size in (None, "none") else f"{size}" + (" square" if source.get("test_resize") == "square"
+                                                                 else "")
+
+
+def best_at_step_0(row):
+    """Whether the row's model is a best_model.pth that no validation improved on (its best record is the one before
+    training): with ImageNet weights and a short --recipe cosplace run, the untrained network shown as trained."""
+    record = best_record(row.owner.metrics) if os.path.basename(row.model or "") == "best_model.pth" else None
+    return record is not None and record.get("step") == 0
 
 
 def conflict(cells, other):
@@ -338,7 +404,8 @@ def build_rows(runs):
                   f"kept, in separate rows", file=sys.stderr)
             label = ", ".join(filter(None, [label, "rerun " + os.path.relpath(
                 evaluation.run.folder, os.path.dirname(os.path.dirname(evaluation.run.folder)))]))
-        candidates.append(Row(evaluation.owner, label, [evaluation.run], dict(evaluation.cells)))
+        candidates.append(Row(evaluation.owner, label, [evaluation.run], dict(evaluation.cells), evaluation.model,
+                              test_size(evaluation.settings, evaluation.run.args)))
         rows.append(candidates[-1])
     return rows
 
@@ -384,20 +451,30 @@ def name_groups(groups, aggregate_seeds, ignored_flags=()):
             group.name += f" ({os.path.basename(group.rows[0].runs[0].folder)})"
 
 
+def label_parts(label):
+    """(dataset, split, query folder) of a test set label: 'tokyo_xs/test/night' -> ('tokyo_xs', 'test', 'night'),
+    'sf_xs/val' -> ('sf_xs', 'val', ''), 'x/my_set' -> ('my_set', '', '')."""
+    parts = label.split("/")
+    if len(parts) == 3:
+        return tuple(parts)
+    return (parts[0], parts[1], "") if parts[-1] in SPLIT_ORDER else (parts[-1], "", "")
+
+
 def columns_of(rows):
-    """[(label, title)] of every test set, the known datasets first, validation before test."""
+    """[(label, title)] of every test set: the known datasets first (the course's: SF-XS val, SF-XS test, Tokyo-XS,
+    Tokyo-night), validation before test, each split's queries/ before its other query folders."""
     labels = {label for row in rows for label in row.cells}
-    split_of = lambda label: label.split("/")[-1] if label.split("/")[-1] in SPLIT_ORDER else ""
-    dataset_of = lambda label: label.split("/")[0] if split_of(label) else label.split("/")[-1]
     order = list(DATASET_NAMES)
-    labels = sorted(labels, key=lambda l: (order.index(dataset_of(l)) if dataset_of(l) in order else len(order),
-                                           dataset_of(l), SPLIT_ORDER.index(split_of(l)) if split_of(l) else 0))
+    sort_key = lambda label: (order.index(label_parts(label)[0]) if label_parts(label)[0] in order else len(order),
+                              label_parts(label)[0], SPLIT_ORDER.index(label_parts(label)[1])
+                              if label_parts(label)[1] else 0, label_parts(label)[2])
     columns = []
-    for label in labels:
-        dataset, split = dataset_of(label), split_of(label)
-        splits = {split_of(other) for other in labels if dataset_of(other) == dataset}
+    for label in sorted(labels, key=sort_key):
+        dataset, split, queries = label_parts(label)
+        splits = {label_parts(other)[1] for other in labels if label_parts(other)[0] == dataset}
         title = DATASET_NAMES.get(dataset, dataset)
-        columns.append((label, title if splits == {"test"} or not split else f"{title} {split}"))
+        title = title if splits == {"test"} or not split else f"{title} {split}"
+        columns.append((label, COLUMN_TITLES.get(label, f"{title} {queries}".strip())))
     return columns
 
 
@@ -410,12 +487,18 @@ def mean_std(values):
 
 
 def table_rows(groups, columns, recall_values):
-    """[(name, [[the value of each row of the group] for each column and N], log files)]."""
-    return [(group.name,
-             [[row.cells[label][0].get(f"R@{n}") if label in row.cells else None for row in group.rows]
-              for label, _ in columns for n in recall_values],
-             sorted({os.path.relpath(source) for row in group.rows for _, source in row.cells.values()}))
-            for group in groups]
+    """[(name, test size, [[the value of each row of the group] for each column and N], log files)]; the name says
+    'best = step 0' when the model of the rows (or of k of their n seeds) is the network as loaded."""
+    table = []
+    for group in groups:
+        at_step_0 = sum(map(best_at_step_0, group.rows))
+        flag = "" if not at_step_0 else " (best = step 0)" if at_step_0 == len(group.rows) else \
+            f" (best = step 0 in {at_step_0} of {len(group.rows)})"
+        table.append((group.name + flag, ", ".join(dict.fromkeys(row.test_size for row in group.rows)),
+                      [[row.cells[label][0].get(f"R@{n}") if label in row.cells else None for row in group.rows]
+                       for label, _ in columns for n in recall_values],
+                      sorted({os.path.relpath(source) for row in group.rows for _, source in row.cells.values()})))
+    return table
 
 
 def format_cell(values, aggregate_seeds, plus_minus="+-", missing="–"):
@@ -428,10 +511,10 @@ def format_cell(values, aggregate_seeds, plus_minus="+-", missing="–"):
 
 
 def markdown_table(rows, columns, recall_values, aggregate_seeds=False):
-    header = ["Experiment"] + [f"{title} R@{n}" for _, title in columns for n in recall_values]
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    for name, cells, _ in rows:
-        lines.append("| " + " | ".join([name] + [format_cell(c, aggregate_seeds) for c in cells]) + " |")
+    header = ["Experiment", "test size"] + [f"{title} R@{n}" for _, title in columns for n in recall_values]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(header) - 2)]
+    for name, size, cells, _ in rows:
+        lines.append("| " + " | ".join([name, size] + [format_cell(c, aggregate_seeds) for c in cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -441,13 +524,13 @@ def latex_escape(text):
 
 def latex_table(rows, columns, recall_values, aggregate_seeds=False):
     k = len(recall_values)
-    lines = [r"% needs \usepackage{booktabs}", r"\begin{tabular}{l" + "r" * k * len(columns) + "}", r"\toprule",
-             " & ".join(["Experiment"] + [rf"\multicolumn{{{k}}}{{c}}{{{latex_escape(title)}}}"
-                                          for _, title in columns]) + r" \\",
-             " & ".join([""] + [f"R@{n}" for _ in columns for n in recall_values]) + r" \\", r"\midrule"]
-    for name, cells, _ in rows:
-        lines.append(" & ".join([latex_escape(name)] + [format_cell(c, aggregate_seeds, r"$\pm$", "--")
-                                                        for c in cells]) + r" \\")
+    lines = [r"% needs \usepackage{booktabs}", r"\begin{tabular}{ll" + "r" * k * len(columns) + "}", r"\toprule",
+             " & ".join(["Experiment", "Test size"] + [rf"\multicolumn{{{k}}}{{c}}{{{latex_escape(title)}}}"
+                                                       for _, title in columns]) + r" \\",
+             " & ".join(["", ""] + [f"R@{n}" for _ in columns for n in recall_values]) + r" \\", r"\midrule"]
+    for name, size, cells, _ in rows:
+        lines.append(" & ".join([latex_escape(name), latex_escape(size)]
+                                + [format_cell(c, aggregate_seeds, r"$\pm$", "--") for c in cells]) + r" \\")
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
@@ -456,12 +539,14 @@ def write_csv(rows, columns, recall_values, path, aggregate_seeds=False):
     titles = [f"{title} R@{n}" for _, title in columns for n in recall_values]
     number = lambda value: "" if value is None else repr(value)
     if aggregate_seeds:
-        lines = [["experiment"] + [f"{t} {s}" for t in titles for s in ("mean", "std", "n")] + ["sources"]]
-        lines += [[name] + [number(v) for c in cells for v in mean_std(c)] + [" ".join(sources)]
-                  for name, cells, sources in rows]
+        lines = [["experiment", "test size"] + [f"{t} {s}" for t in titles for s in ("mean", "std", "n")]
+                 + ["sources"]]
+        lines += [[name, size] + [number(v) for c in cells for v in mean_std(c)] + [" ".join(sources)]
+                  for name, size, cells, sources in rows]
     else:
-        lines = [["experiment"] + titles + ["sources"]]
-        lines += [[name] + [number(c[0]) for c in cells] + [" ".join(sources)] for name, cells, sources in rows]
+        lines = [["experiment", "test size"] + titles + ["sources"]]
+        lines += [[name, size] + [number(c[0]) for c in cells] + [" ".join(sources)]
+                  for name, size, cells, sources in rows]
     files.atomic_write(path, lambda file: csv.writer(file, lineterminator="\n").writerows(lines), mode="w")
 
 
@@ -494,46 +579,148 @@ def curves_markdown(groups):
     return "\n".join(lines) + "\n" if series and steps else None
 
 
-def plot_training_curves(groups, path):
-    """One panel per metric, one line per group (the mean over its seeds, with a +- std band), colours, line
-    styles and markers cycled so that 30 lines stay apart, and the legend outside the panels."""
+def curve_panels(groups, panel_keys=None, shown=None):
+    """The series [(name, [metrics of each seed])] of the groups named in shown (all by default) and the panels
+    [(key, title, log scale)] of panel_keys (every metric logged by default), or a ReportError naming the choices."""
+    series = [(group.name, [row.metrics for row in group.rows if row.metrics]) for group in groups]
+    series = [(name, metrics) for name, metrics in series if metrics]
+    unknown = sorted(set(shown or []) - {name for name, _ in series})
+    if unknown:
+        raise ReportError(f"--curves_of {', '.join(unknown)}: no such experiment with curves; choose among "
+                          f"{', '.join(name for name, _ in series)}")
+    series = [(name, metrics) for name, metrics in series if not shown or name in shown]
+    logged = {key for _, metrics in series for records in metrics for record in records for key in record}
+    panels = CURVES + [panel for panel in OPTIONAL_CURVES if panel[0] in logged]
+    unknown = sorted(set(panel_keys or []) - {key for key, _, _ in panels})
+    if unknown:
+        raise ReportError(f"--panels {', '.join(unknown)}: no such curve; choose among "
+                          f"{', '.join(key for key, _, _ in panels)}")
+    return series, [panel for panel in panels if not panel_keys or panel[0] in panel_keys]
+
+
+def draw_panel(axis, series, panel, x_key, legend_names):
+    """One metric, one line per group (the mean over its seeds, with a +- std band); colours, line styles and
+    markers cycled so that 30 lines stay apart."""
+    key, title, log_scale = panel
+    for index, (name, metrics) in enumerate(series):
+        style = {"color": f"C{index % 10}", "linestyle": LINE_STYLES[index // 10 % len(LINE_STYLES)],
+                 "marker": MARKERS[index % len(MARKERS)], "markersize": 4, "label": legend_names.get(name, name)}
+        points = curve(metrics, key, x_key)
+        if points:
+            xs, means, _ = zip(*points)
+            axis.plot(xs, means, **style)
+            band = [(x, m - s, m + s) for x, m, s in points if s is not None]
+            if band:
+                axis.fill_between(*zip(*band), color=style["color"], alpha=0.15, linewidth=0)
+    axis.set(title=title, xlabel="iterations" if x_key == "step" else "epoch", yscale="log" if log_scale else "linear")
+
+
+def plot_training_curves(groups, out_folder, panel_keys=None, shown=None, legend_names=None):
+    """training_curves.png: every panel, the legend outside them; and each panel alone, for a paper, as
+    curves/<metric>.{png,pdf,svg} (legend inside). Returns the panels drawn."""
     # Imported here, so that --help answers without loading matplotlib
     from matplotlib.figure import Figure
 
-    series = [(group.name, [row.metrics for row in group.rows if row.metrics]) for group in groups]
-    series = [(name, metrics) for name, metrics in series if metrics]
-    logged = {key for _, metrics in series for records in metrics for record in records for key in record}
-    panels = CURVES + [panel for panel in OPTIONAL_CURVES if panel[0] in logged]
+    series, panels = curve_panels(groups, panel_keys, shown)
+    legend_names = legend_names or {}
     # iterations when every record has its step, else epochs (old runs log once an epoch)
     x_key = "step" if all("step" in r for _, metrics in series for records in metrics for r in records) else "epoch"
-    columns = 3
+    columns = min(3, len(panels))
     figure = Figure(figsize=(6 * columns, 4.2 * math.ceil(len(panels) / columns)), layout="constrained")
     axes = figure.subplots(math.ceil(len(panels) / columns), columns, squeeze=False).ravel()
     for axis in axes[len(panels):]:
         axis.set_visible(False)
-    for index, (name, metrics) in enumerate(series):
-        style = {"color": f"C{index % 10}", "linestyle": LINE_STYLES[index // 10 % len(LINE_STYLES)],
-                 "marker": MARKERS[index % len(MARKERS)], "markersize": 4, "label": name}
-        for axis, (key, title, log_scale) in zip(axes, panels):
-            points = curve(metrics, key, x_key)
-            if points:
-                xs, means, _ = zip(*points)
-                axis.plot(xs, means, **style)
-                band = [(x, m - s, m + s) for x, m, s in points if s is not None]
-                if band:
-                    axis.fill_between(*zip(*band), color=style["color"], alpha=0.15, linewidth=0)
-    for axis, (_, title, log_scale) in zip(axes, panels):
-        axis.set(title=title, xlabel="iterations" if x_key == "step" else "epoch", yscale="log" if log_scale
-                 else "linear")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:  # no run logged a loss yet: take the legend from the recall panel
-        handles, labels = axes[1].get_legend_handles_labels()
+    for axis, panel in zip(axes, panels):
+        draw_panel(axis, series, panel, x_key, legend_names)
+    handles, labels = max((axis.get_legend_handles_labels() for axis in axes), key=lambda pair: len(pair[1]))
     figure.legend(handles, labels, loc="outside right upper", fontsize=8, ncols=1 + len(labels) // 40)
-    files.atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=90))
+    files.atomic_write(os.path.join(out_folder, "training_curves.png"),
+                       lambda file: figure.savefig(file, format="png", dpi=90))
+    os.makedirs(os.path.join(out_folder, "curves"), exist_ok=True)
+    for panel in panels:
+        figure = Figure(figsize=(5, 3.6), layout="constrained")
+        axis = figure.subplots()
+        draw_panel(axis, series, panel, x_key, legend_names)
+        if axis.get_legend_handles_labels()[1]:
+            axis.legend(fontsize=7)
+        for extension in ("png", "pdf", "svg"):
+            files.atomic_write(os.path.join(out_folder, "curves", f"{panel[0]}.{extension}"),
+                               lambda file: figure.savefig(file, format=extension, dpi=150))
+    return panels
 
 
-def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=False, ignored_flags=()):
-    """Writes the tables (and the curves when a run has metrics.jsonl); returns the markdown table and the rows."""
+def predictions_file(label, source):
+    """The predictions.csv of a test set's result: eval.py writes it in a folder named after the test set's label
+    beside results.json, train.py beside test_results.json. None when it is missing (older or deleted runs)."""
+    folder = os.path.dirname(source)
+    candidates = [os.path.join(folder, label.replace("/", "_"), "predictions.csv")]
+    if os.path.basename(source) == "test_results.json":
+        candidates.append(os.path.join(folder, "predictions.csv"))
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def read_top1(path):
+    """{query path: (top-1 database path, whether it is right)} of a predictions.csv."""
+    with open(path, newline="") as file:
+        return {row["query_path"]: (row["database_path"], row["correct"] == "1")
+                for row in csv.DictReader(file) if row["rank"] == "1"}
+
+
+def failures_markdown(groups, columns, top=10):
+    """failures.md, the recurring mistakes of the models of the table, per test set: the database images that are
+    the wrong top-1 of the most queries (summed over the models), and the queries that every model misses. None
+    without any predictions.csv."""
+    lines = []
+    for label, title in columns:
+        models = {}  # model name -> its top-1s
+        for group in groups:
+            for index, row in enumerate(group.rows):
+                path = label in row.cells and predictions_file(label, row.cells[label][1])
+                if path:
+                    models[group.name + (f" #{index + 1}" if len(group.rows) > 1 else "")] = read_top1(path)
+        if not models:
+            continue
+        wrong_of = {name: {database for database, right in top1.values() if not right}
+                    for name, top1 in models.items()}
+        wrong = collections.Counter(database for top1 in models.values() for database, right in top1.values()
+                                    if not right)
+        queries = set.intersection(*(set(top1) for top1 in models.values()))
+        missed = sorted(query for query in queries if not any(top1[query][1] for top1 in models.values()))
+        lines += [f"## {title} ({label}): {len(models)} models, {len(queries)} queries in all of them", "",
+                  f"Database images that are the wrong top-1 of the most queries ({sum(wrong.values())} wrong top-1 "
+                  f"in all):", "", "| database image | wrong top-1 of | models |", "| --- | ---: | ---: |"]
+        lines += [f"| {database} | {count} | {sum(database in databases for databases in wrong_of.values())} |"
+                  for database, count in wrong.most_common(top)]
+        lines += ["", f"Queries that every model misses: {len(missed)} of {len(queries)}", ""]
+        lines += [f"- {query}" for query in missed] + [""]
+    return "\n".join(["# Recurring mistakes", ""] + lines) if lines else None
+
+
+def latex_report(panels):
+    """report.tex: a skeleton of the course's report with the results table and a figure per curve (pdflatex
+    report.tex in the report folder compiles it)."""
+    lines = [r"\documentclass{article}", r"\usepackage{booktabs}", r"\usepackage{graphicx}", "",
+             r"\title{TODO: title}", r"\author{TODO: authors}", r"\begin{document}", r"\maketitle", "",
+             r"\section{Introduction}", "TODO: the task (visual place recognition) and what you tried.", "",
+             r"\section{Method}", "TODO: CosPlace, the backbone, the aggregation, your extension.", "",
+             r"\section{Experiments}",
+             r"A query is found at N if one of its first N predictions lies within 25 m (Table~\ref{tab:results}).", "",
+             r"\begin{table}[t]", r"  \centering", r"  \resizebox{\linewidth}{!}{\input{results_table.tex}}",
+             r"  \caption{Recall@N (\%) of each experiment; test size: the test images' shorter side.}",
+             r"  \label{tab:results}", r"\end{table}", ""]
+    for key, title, _ in panels:
+        lines += [r"\begin{figure}[t]", r"  \centering",
+                  rf"  \includegraphics[width=0.7\linewidth]{{curves/{key}.pdf}}",
+                  rf"  \caption{{{latex_escape(title)}. TODO: what it shows.}}",
+                  rf"  \label{{fig:{key.replace('@', '')}}}", r"\end{figure}", ""]
+    return "\n".join(lines + [r"\section{Conclusion}", "TODO", r"\end{document}", ""])
+
+
+def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=False, ignored_flags=(), panel_keys=None,
+                shown=None, legend_names=None):
+    """Writes the tables, the curves when a run has metrics.jsonl (panel_keys, shown and legend_names choose the
+    panels, the experiments and their names in the legend) and the LaTeX skeleton; returns the markdown table and
+    the rows."""
     load_run.cache_clear()  # runs go on writing their logs between two reports of one process
     runs = [load_run(folder) for folder in find_run_folders(patterns)]
     for flag in ignored_flags:
@@ -552,11 +739,17 @@ def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=Fals
     files.atomic_write(os.path.join(out_folder, "results_table.tex"),
                        lambda file: file.write(latex_table(table, columns, recall_values, aggregate_seeds)), mode="w")
     write_csv(table, columns, recall_values, os.path.join(out_folder, "results_table.csv"), aggregate_seeds)
+    panels = []
     if any(row.metrics for row in rows):
-        plot_training_curves(groups, os.path.join(out_folder, "training_curves.png"))
+        panels = plot_training_curves(groups, out_folder, panel_keys, shown, legend_names)
         curves = curves_markdown(groups)
         if curves:
             files.atomic_write(os.path.join(out_folder, "curves_table.md"), lambda file: file.write(curves), mode="w")
+    files.atomic_write(os.path.join(out_folder, "report.tex"), lambda file: file.write(latex_report(panels)),
+                       mode="w")
+    failures = failures_markdown(groups, columns)
+    if failures:
+        files.atomic_write(os.path.join(out_folder, "failures.md"), lambda file: file.write(failures), mode="w")
     return markdown, table
 
 
@@ -577,8 +770,19 @@ def main(argv=None):
     arguments.add_argument("--ignore_flags", nargs="+", default=[], metavar="FLAG",
                            help="flags whose values neither split nor name rows: e.g. one added to the project after "
                                 "some of the runs were made, where it cannot change their results")
+    arguments.add_argument("--panels", nargs="+", metavar="METRIC",
+                           help="the curves to draw, by metrics.jsonl key (default: all): loss, classification_loss, "
+                                "val_R@1, lr, classifiers_lr, ssl_loss, dann_loss, dann_domain_accuracy")
+    arguments.add_argument("--curves_of", nargs="+", metavar="EXPERIMENT",
+                           help="the experiments whose curves are drawn, by their name in the table (default: all)")
+    arguments.add_argument("--legend", nargs="+", default=[], metavar="EXPERIMENT=NAME",
+                           help="the name of an experiment in the curves' legend")
     args = arguments.parse_args(argv)
-    markdown, _ = make_report(args.runs, args.out, args.recall_values, args.aggregate_seeds, args.ignore_flags)
+    legend_names = dict(item.rsplit("=", 1) for item in args.legend if "=" in item)
+    if len(legend_names) != len(args.legend):
+        arguments.error(f"--legend takes EXPERIMENT=NAME items, got {' '.join(args.legend)}")
+    markdown, _ = make_report(args.runs, args.out, args.recall_values, args.aggregate_seeds, args.ignore_flags,
+                              args.panels, args.curves_of, legend_names)
     print(markdown)
     print(f"Tables and curves written to {args.out}")
 

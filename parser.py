@@ -25,6 +25,9 @@ RECIPES = {
 # Flags that describe the network's architecture: read from the args.json beside a --resume_model checkpoint
 ARCHITECTURE_FLAGS = ("backbone", "aggregator", "fc_output_dim", "mixvpr_depth", "mixvpr_out_rows",
                       "mixvpr_map_size", "netvlad_clusters", "boq_queries", "boq_layers", "boq_out_rows")
+# Flags a script takes from that args.json unless given: eval.py tests at the resolution the model was tested with in
+# training (a night R@1 moved from 52.6 to 68.4 between 224 px and the native size)
+INHERITED_FLAGS = {"eval": ("test_image_size", "test_resize")}
 
 
 class FlagError(UserError, ValueError):
@@ -160,7 +163,7 @@ def add_training_flags(parser):
     group.add_argument("--loss_scale", type=positive_float, default=30.0, help="scale s of the margin head's logits")
     group.add_argument("--loss_margin", type=non_negative_float, default=None,
                        help="margin m of the margin head; default: its published one (cosface 0.4, arcface 0.5, "
-                            "sphereface 1.5; SphereFace's original is 4, with feature-norm logits and annealing)")
+                            "sphereface 1.35; SphereFace's original is 4, with feature-norm logits and annealing)")
     group.add_argument("--train_all_layers", action="store_true",
                        help="train every backbone layer (default: see --trainable_stages)")
     group.add_argument("--trainable_stages", type=non_negative_int, default=None,
@@ -226,8 +229,15 @@ def add_augmentation_flags(parser):
     group = parser.add_argument_group("Augmentation (batched on the model's device)")
     group.add_argument("--augmentations", nargs="+", default=["color_jitter", "random_resized_crop"],
                        help=f"list of name or name:strength, applied in order: "
-                            f"{names_of('augmentations.py', 'AUGMENTATIONS')} (augmentations.py says what each "
-                            f"strength means)")
+                            f"{names_of('augmentations.py', 'AUGMENTATIONS')}. The strength S of each: color_jitter:S "
+                            f"scales --brightness, --contrast, --saturation and --hue by S (default 1); "
+                            f"random_resized_crop:S keeps between 1-S and all of the image area (default "
+                            f"--random_resized_crop); random_perspective:S moves the corners of half of the images by "
+                            f"up to S of their size (default 0.5); random_erasing:S blacks out 0.02 to S of the area "
+                            f"of half of the images (default 0.33); gaussian_blur:S blurs with a sigma of 0.1 to S "
+                            f"pixels (default 2); grayscale:S and horizontal_flip:S act with probability S (default "
+                            f"0.2 and 0.5); night:S makes the images night-like (darker, moonlight blue to street-lamp "
+                            f"orange, sensor grain) at strength S in [0, 1] (default 1)")
     group.add_argument("--brightness", type=non_negative_float, default=0.7, help="color_jitter brightness")
     group.add_argument("--contrast", type=non_negative_float, default=0.7, help="color_jitter contrast")
     group.add_argument("--saturation", type=non_negative_float, default=0.7, help="color_jitter saturation")
@@ -298,8 +308,24 @@ def add_evaluation_flags(parser):
                        help="with --num_preds_to_save, only for queries whose top-1 is wrong")
 
 
-def add_dataset_flags(parser, splits, test_sets_num="1"):
-    """--dataset_folder and a folder flag per split; test_sets_num '+' lets --test_set_folder take several."""
+def add_rerank_flags(parser):
+    group = parser.add_argument_group("Re-ranking with local features (the final test; validations stay kNN only)")
+    group.add_argument("--rerank", default="none", metavar="NAME",
+                       help=f"none, or re-rank each query's first --rerank_k predictions by their number of local "
+                            f"feature matches with it that a RANSAC homography verifies (ties keep the retrieval "
+                            f"order): {names_of('reranking.py', 'MATCHERS')} (sift needs no weights, the others "
+                            f"download theirs once)")
+    group.add_argument("--rerank_k", type=positive_int, default=10,
+                       help="predictions re-ranked per query (the time per query grows with it)")
+    group.add_argument("--rerank_image_size", type=positive_int, default=384,
+                       help="shorter side of the images the matcher sees, in pixels")
+    group.add_argument("--rerank_keypoints", type=positive_int, default=1024,
+                       help="local features per image at most (matches per pair for loftr)")
+
+
+def add_dataset_flags(parser, splits, test_sets_num="1", query_folders=False):
+    """--dataset_folder and a folder flag per split; test_sets_num '+' lets --test_set_folder take several;
+    query_folders adds --query_folders (scripts that test on every query folder of a test set)."""
     group = parser.add_argument_group("Dataset")
     group.add_argument("--dataset_folder", type=str, default=None,
                        help="folder with " + ", ".join(f"{split}/" for split in splits) +
@@ -312,6 +338,11 @@ def add_dataset_flags(parser, splits, test_sets_num="1"):
         else:
             group.add_argument(f"--{split}_set_folder", type=str, default=None,
                                help=f"default: DATASET_FOLDER/{split}")
+        if split == "test" and query_folders:
+            group.add_argument("--query_folders", nargs="+", default=None, metavar="NAME",
+                               help="query folders of each test set, each evaluated against its database/ (one "
+                                    "row each, the database computed once); default: every folder beside database/ "
+                                    "that holds images, queries/ first (Tokyo-XS: queries/ and night/)")
     group.add_argument("--on_bad_name", choices=["error", "skip"], default="error",
                        help="file names not in the '@' format: stop, or skip them with a count")
 
@@ -362,13 +393,13 @@ def add_eval_outputs_flags(parser):
 # Each script's flag groups, in the order of its --help
 SCRIPTS = {
     "train": [add_classes_flags, add_training_flags, add_model_flags, add_augmentation_flags,
-              add_auxiliary_loss_flags, add_adabn_flags, add_inference_flags, add_evaluation_flags,
-              lambda parser: add_dataset_flags(parser, ("train", "val", "test")), add_training_data_flags,
-              add_loading_flags, add_run_flags],
-    "eval": [add_model_flags, add_adabn_flags, add_inference_flags, add_evaluation_flags,
-             lambda parser: add_dataset_flags(parser, ("test",), test_sets_num="+"), add_loading_flags,
-             add_eval_outputs_flags, add_run_flags],
-    "geolocalize": [add_model_flags, add_inference_flags, add_loading_flags,
+              add_auxiliary_loss_flags, add_adabn_flags, add_inference_flags, add_evaluation_flags, add_rerank_flags,
+              lambda parser: add_dataset_flags(parser, ("train", "val", "test"), query_folders=True),
+              add_training_data_flags, add_loading_flags, add_run_flags],
+    "eval": [add_model_flags, add_adabn_flags, add_inference_flags, add_evaluation_flags, add_rerank_flags,
+             lambda parser: add_dataset_flags(parser, ("test",), test_sets_num="+", query_folders=True),
+             add_loading_flags, add_eval_outputs_flags, add_run_flags],
+    "geolocalize": [add_model_flags, add_inference_flags, add_rerank_flags, add_loading_flags,
                     lambda parser: add_run_flags(parser, logs=False)],
     "analyze_dataset": [add_classes_flags, lambda parser: add_dataset_flags(parser, ("train", "val", "test")),
                         add_loading_flags],
@@ -406,9 +437,10 @@ def fill_dataset_folders(parser, args, script):
         parser.error(f"give --dataset_folder, or each of {', '.join(f'--{m}_set_folder' for m in missing)}")
 
 
-def read_architecture(parser, args, given):
+def read_architecture(parser, args, given, inherited=()):
     """With --resume_model, the architecture flags come from the args.json beside the checkpoint (when present):
-    a flag given that contradicts it is an error naming both values. Returns {flag: value} of the flags taken."""
+    a flag given that contradicts it is an error naming both values. The inherited flags (INHERITED_FLAGS) come
+    from it too, unless given. Returns {flag: value} of the flags taken."""
     args_path = os.path.join(os.path.dirname(os.path.abspath(args.resume_model)), "args.json")
     if not os.path.isfile(args_path):
         return {}
@@ -427,6 +459,10 @@ def read_architecture(parser, args, given):
         if getattr(args, flag) != run_args[flag]:
             taken[flag] = run_args[flag]
         setattr(args, flag, run_args[flag])
+    for flag in inherited:
+        if flag in run_args and flag not in given and getattr(args, flag) != run_args[flag]:
+            taken[flag] = run_args[flag]
+            setattr(args, flag, run_args[flag])
     return taken
 
 
@@ -461,7 +497,8 @@ def check_arguments(parser, args, script):
 REGISTRY_FLAGS = {"optimizer": ("optimizers", "OPTIMIZERS", ()), "scheduler": ("optimizers", "SCHEDULES", ()),
                   "loss": ("cosface_loss", "MARGIN_HEADS", ()), "aggregator": ("model.aggregators", "AGGREGATORS", ()),
                   "ssl_loss": ("ssl_losses", "SSL_LOSSES", ("none",)),
-                  "faiss_index": ("faiss_indexes", "FAISS_INDEXES", ())}
+                  "faiss_index": ("faiss_indexes", "FAISS_INDEXES", ()),
+                  "rerank": ("reranking", "MATCHERS", ("none",))}
 
 
 def check_registries(args):
@@ -481,13 +518,14 @@ def check_registries(args):
 
 def parse_arguments(script="train", argv=None, parser=None):
     """Parses and checks the flags of a script of SCRIPTS (parser: the script's own, built by build_parser and
-    extended). Sets args.flags_from_checkpoint to the architecture flags read beside --resume_model."""
+    extended). Sets args.flags_from_checkpoint to the architecture (and inherited) flags read beside --resume_model."""
     parser = parser or build_parser(script)
     if script == "train":  # the recipe's values become defaults, so that explicit flags still win
         parser.set_defaults(**RECIPES[parser.parse_known_args(argv)[0].recipe])
     args = parser.parse_args(argv)
     check_arguments(parser, args, script)
-    args.flags_from_checkpoint = read_architecture(parser, args, explicit_flags(parser, argv)) \
+    args.flags_from_checkpoint = read_architecture(parser, args, explicit_flags(parser, argv),
+                                                   INHERITED_FLAGS.get(script, ())) \
         if getattr(args, "resume_model", None) else {}
     check_registries(args)
     return args

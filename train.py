@@ -2,6 +2,7 @@
 
     python train.py --dataset_folder /path/to/sf_xs --groups_num 1 --epochs_num 3
 Multi-GPU:  torchrun --nproc_per_node 4 train.py ...   (one process per GPU, DistributedDataParallel)
+In Python:  train.main(parser.parse_arguments("train", [...flags...]))  returns the run folder
 """
 
 import functools
@@ -9,13 +10,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import parser
 from core.errors import exit_on_user_error
 
-args = exit_on_user_error(parser.parse_arguments, "train", None, parser.build_parser("train", __doc__))
-# --help and flag mistakes answered above, before the heavy imports below
-start_time = time.time()
+if __name__ == "__main__":  # --help and flag mistakes are answered here, before the heavy imports below
+    ARGS = exit_on_user_error(parser.parse_arguments, "train", None, parser.build_parser("train", __doc__))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -28,6 +29,7 @@ import commons  # noqa: E402
 import cosface_loss  # noqa: E402
 import domain_adaptation  # noqa: E402
 import optimizers  # noqa: E402
+import reranking  # noqa: E402
 import ssl_losses  # noqa: E402
 import test  # noqa: E402
 import visualizations  # noqa: E402
@@ -36,148 +38,194 @@ from datasets import preresize, unlabeled_dataset  # noqa: E402
 from datasets.image_check import make_image_check  # noqa: E402
 from datasets.image_loading import images_to_device  # noqa: E402
 from datasets.normalization import normalize  # noqa: E402
-from datasets.test_dataset import TestDataset  # noqa: E402
+from datasets.test_dataset import TestDataset, query_sets  # noqa: E402
 from datasets.train_dataset import TrainDataset, check_groups, load_groups  # noqa: E402
 from model import network  # noqa: E402
 
-torch.backends.cudnn.benchmark = True  # input sizes are fixed during training
 
-#### Processes (DDP through torchrun: one per GPU; a single process otherwise)
-world_size, rank = commons.setup_distributed(args)
-is_main = rank == 0
+@dataclass
+class Run:
+    """Who this process is and where the run writes: what every step of the training needs besides its own
+    arguments. The clock fields measure the training time between two validation records (validations left out)."""
+    args: object
+    world_size: int
+    rank: int
+    output_folder: str  # None on the other DDP processes: only the main one writes
+    start_time: float
+    clock_start: float = 0.0
+    clock_steps: int = 0
+    time_estimated: bool = False
 
-#### Logging: only the main process writes (logs, checkpoints)
-output_folder = exit_on_user_error(files.make_output_folder, args.save_dir, args.logs_root) if is_main else None
-checkpoint_path = os.path.join(output_folder or ".", "last_checkpoint.pth")
-if is_main:
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def path(self, name):
+        return os.path.join(self.output_folder or ".", name)
+
+    def restart_clock(self, steps_done):
+        self.clock_start, self.clock_steps = time.time(), steps_done
+
+
+def start_logging(args, world_size, rank):
+    """The run folder (main process only: None elsewhere) with args.json, and the logging of this process."""
+    if rank != 0:  # one line per process for a user error: no traceback from torchrun's exception hook
+        logging.basicConfig(level=logging.WARNING)
+        sys.excepthook = sys.__excepthook__
+        return None
+    output_folder = files.make_output_folder(args.save_dir, args.logs_root)
+    checkpoint_path = os.path.join(output_folder, "last_checkpoint.pth")
     commons.setup_logging(output_folder, console="debug",
                           interrupt_message=functools.partial(commons.resume_hint, checkpoint_path))
     files.atomic_json_dump({**vars(args), "git_commit": files.git_commit(), "command": " ".join(sys.argv),
                             "world_size": world_size}, os.path.join(output_folder, "args.json"))
-else:
-    logging.basicConfig(level=logging.WARNING)
-commons.log_arguments(args, output_folder)
-commons.make_deterministic(args.seed)
-commons.reuse_freed_memory()
-
-#### Model
-model = network.build_model(args)
-logging.info(f"There are {torch.cuda.device_count()} GPUs and {os.cpu_count()} CPUs; training on {args.device}"
-             + (f" with {world_size} processes" if world_size > 1 else ""))
-if args.resume_model is not None:
-    logging.info(f"Loading model from {args.resume_model}")
-    checkpoints.load_model_weights(model, args.resume_model)
-memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-model = model.to(args.device).to(memory_format=memory_format)
-model_optimizer = optimizers.get_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args)
-
-#### Datasets (the test sets first: they are quick to read, so their problems show before the class computation)
-val_ds, test_ds = [TestDataset(folder, args.positive_dist_threshold, args.test_image_size, args.on_bad_name,
-                               make_image_check(args, test_set=True), args.decode_on_gpu, args.test_resize)
-                   for folder in (args.val_set_folder, args.test_set_folder)]
-logging.info(f"Validation set: {val_ds}")
-logging.info(f"Test set: {test_ds}")
-if args.preresize_cache:  # the main process writes (or finds) the resized copy, then tells the others where
-    args.train_set_folder = commons.computed_on_main(lambda: preresize.preresize_folder(
-        args.train_set_folder, args.image_size, args.preresize_cache, args.num_workers), world_size, is_main)
-groups = load_groups(args.train_set_folder, args.M, args.alpha, args.N, args.L, args.min_images_per_class,
-                     args.cache_folder, args.on_bad_name, make_image_check(args), args.groups_order)
-check_groups(groups, args.groups_num, args.min_images_per_class, args.train_set_folder, args.batch_size * world_size,
-             args.groups_order)
-groups = [TrainDataset(classes, args.image_size, args.on_bad_image, args.decode_on_gpu)
-          for classes in groups[:args.groups_num]]
-for group_num, group in enumerate(groups):
-    logging.info(group.describe(group_num, args.iterations_per_epoch * args.batch_size * world_size))
-
-#### Data-dependent initialisation of the aggregation (NetVLAD's clusters), unless weights are loaded
-if hasattr(model.aggregation, "initialize_from_features") and not (args.resume_train or args.resume_model):
-    init_batches = groups[0].first_batches(args.aggregator_init_images, args.batch_size, args.seed)
-    logging.info(f"Initialising the {args.aggregator} aggregation from {len(init_batches) * args.batch_size} images")
-    model.initialize_aggregation(normalize(images_to_device(images, args.image_size, args.device))
-                                 for images in init_batches)
-
-#### Classifiers (one margin head per group), augmentation, auxiliary losses (--ssl_loss, DANN), their optimizers
-classifiers = [cosface_loss.get_margin_head(args.loss, args.fc_output_dim, len(group), args.loss_scale,
-                                            args.loss_margin) for group in groups]
-classifiers_optimizers = [optimizers.get_optimizer(c.parameters(), args.classifiers_lr, args) for c in classifiers]
-criterion = torch.nn.CrossEntropyLoss()
-train_augmentation = augmentations.TrainAugmentation(args.augmentations, args).to(args.device)
-make_target_batches = functools.partial(unlabeled_dataset.folder_batches, args.da_target_folder, args.image_size,
-                                        args.batch_size, args.seed, rank=rank, num_workers=args.num_workers)
-auxiliary_losses = [loss.to(args.device) for loss in (
-    ssl_losses.build_ssl_loss(args, augmentations.TrainAugmentation(args.ssl_augmentations, args)),
-    domain_adaptation.build_dann(args, train_augmentation, args.fc_output_dim, make_target_batches)) if loss]
-auxiliary_parameters = [p for loss in auxiliary_losses for p in loss.parameters()]
-auxiliary_optimizers = [optimizers.get_optimizer(auxiliary_parameters, args.classifiers_lr, args)] \
-    if auxiliary_parameters else []
-schedulers = [optimizers.EpochScheduler(optimizer, args)
-              for optimizer in (model_optimizer, *classifiers_optimizers, *auxiliary_optimizers)]
-scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and args.device.startswith("cuda"))
-state = checkpoints.TrainingState(model, model_optimizer, classifiers, classifiers_optimizers, auxiliary_losses,
-                                  auxiliary_optimizers, schedulers, scaler)
-if world_size > 1:  # every module was initialised alike; from here each process draws its own augmentations
-    commons.make_deterministic(args.seed + rank)
-
-#### Resume
-progress = checkpoints.resume_training(args.resume_train, state, args, world_size, rank, output_folder) \
-    if args.resume_train else checkpoints.TrainingProgress()
-metrics_path = os.path.join(output_folder or ".", "metrics.jsonl")
-for record in progress.metrics_history if is_main else ():  # each run folder holds the whole history
-    files.append_jsonl(record, metrics_path)
+    return output_folder
 
 
-def read_losses(epoch_num, iterations_done):
-    """Reads the pending losses into the epoch's (stopping the run on a non-finite one); shows the loss."""
-    read = pending_losses.read()
-    checkpoints.check_finite_losses([terms["loss"] for terms in read], epoch_num, iterations_done, checkpoint_path)
+def build_model(args):
+    """The network of args on its device, with the weights of --resume_model when given."""
+    model = network.build_model(args)
+    if args.resume_model is not None:
+        logging.info(f"Loading model from {args.resume_model}")
+        checkpoints.load_model_weights(model, args.resume_model)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    return model.to(args.device).to(memory_format=memory_format)
+
+
+def test_datasets(args):
+    """The validation set and the test set's query sets, one per query folder (Tokyo-XS: queries/ and night/), read
+    first: they are quick, so their problems show before the classes."""
+    image_check = make_image_check(args, test_set=True)
+    val_ds = TestDataset(args.val_set_folder, args.positive_dist_threshold, args.test_image_size, args.on_bad_name,
+                         image_check, args.decode_on_gpu, args.test_resize)
+    test_sets = query_sets(args, args.test_set_folder, image_check)
+    logging.info(f"Validation set: {val_ds}")
+    for test_ds in test_sets:
+        logging.info(f"Test set: {test_ds}")
+    return val_ds, test_sets
+
+
+def training_groups(args, run):
+    """The TrainDataset of each group trained (the first --groups_num of --groups_order)."""
+    if args.preresize_cache:  # the main process writes (or finds) the resized copy, then tells the others where
+        args.train_set_folder = commons.computed_on_main(lambda: preresize.preresize_folder(
+            args.train_set_folder, args.image_size, args.preresize_cache, args.num_workers), run.world_size,
+            run.is_main)
+    groups = load_groups(args.train_set_folder, args.M, args.alpha, args.N, args.L, args.min_images_per_class,
+                         args.cache_folder, args.on_bad_name, make_image_check(args), args.groups_order)
+    check_groups(groups, args.groups_num, args.min_images_per_class, args.train_set_folder,
+                 args.batch_size * run.world_size, args.groups_order)
+    groups = [TrainDataset(classes, args.image_size, args.on_bad_image, args.decode_on_gpu)
+              for classes in groups[:args.groups_num]]
+    for group_num, group in enumerate(groups):
+        logging.info(group.describe(group_num, args.iterations_per_epoch * args.batch_size * run.world_size))
+    return groups
+
+
+def initialize_aggregation(args, model, first_group):
+    """Data-dependent initialisation of the aggregation (NetVLAD's clusters), unless weights are loaded."""
+    if hasattr(model.aggregation, "initialize_from_features") and not (args.resume_train or args.resume_model):
+        init_batches = first_group.first_batches(args.aggregator_init_images, args.batch_size, args.seed)
+        logging.info(f"Initialising the {args.aggregator} aggregation from {len(init_batches) * args.batch_size} "
+                     f"images")
+        model.initialize_aggregation(normalize(images_to_device(images, args.image_size, args.device))
+                                     for images in init_batches)
+
+
+def training_state(args, model, groups, train_augmentation, rank):
+    """The margin heads (one per group), the auxiliary losses (--ssl_loss, DANN), every optimizer, scheduler and
+    the AMP scaler: what a training checkpoint holds besides the progress."""
+    model_optimizer = optimizers.get_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args)
+    classifiers = [cosface_loss.get_margin_head(args.loss, args.fc_output_dim, len(group), args.loss_scale,
+                                                args.loss_margin) for group in groups]
+    classifiers_optimizers = [optimizers.get_optimizer(c.parameters(), args.classifiers_lr, args) for c in classifiers]
+    make_target_batches = functools.partial(unlabeled_dataset.folder_batches, args.da_target_folder,
+                                            args.image_size, args.batch_size, args.seed, rank=rank,
+                                            num_workers=args.num_workers)
+    auxiliary_losses = [loss.to(args.device) for loss in (
+        ssl_losses.build_ssl_loss(args, augmentations.TrainAugmentation(args.ssl_augmentations, args)),
+        domain_adaptation.build_dann(args, train_augmentation, args.fc_output_dim, make_target_batches)) if loss]
+    auxiliary_parameters = [p for loss in auxiliary_losses for p in loss.parameters()]
+    auxiliary_optimizers = [optimizers.get_optimizer(auxiliary_parameters, args.classifiers_lr, args)] \
+        if auxiliary_parameters else []
+    schedulers = [optimizers.EpochScheduler(optimizer, args)
+                  for optimizer in (model_optimizer, *classifiers_optimizers, *auxiliary_optimizers)]
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and args.device.startswith("cuda"))
+    return checkpoints.TrainingState(model, model_optimizer, classifiers, classifiers_optimizers, auxiliary_losses,
+                                     auxiliary_optimizers, schedulers, scaler)
+
+
+def read_losses(run, pending_losses, progress, progress_bar, steps_done):
+    """Reads the pending losses into the epoch's, averaged over the DDP processes (a non-finite loss on any of them
+    stops every one with the same message); shows the loss."""
+    read = commons.mean_over_processes(pending_losses.read(), run.world_size, run.args.device)
+    checkpoints.check_finite_losses([terms["loss"] for terms in read], progress.epoch_num, progress.iteration,
+                                    run.path("last_checkpoint.pth"))
     progress.epoch_losses.extend(read)
-    if read and is_main:
+    if read and run.is_main:
         progress_bar.set_postfix(loss=f"{np.mean([terms['loss'] for terms in read]):.4f}", refresh=False)
 
 
-def validate(epoch_num, iterations_done, **epoch_totals):
-    """Val recalls of the model now (main process; the others receive them), recorded in metrics.jsonl with the
-    mean loss terms since the previous record (and epoch_totals), and best_model.pth when R@1 beats every
-    validation so far. Returns the record."""
+def validate(run, state, val_ds, progress, **epoch_totals):
+    """Val recalls of the model at progress's step (with DDP each process extracts its share of the descriptors and
+    all get the recalls), recorded in
+    metrics.jsonl with the mean loss terms since the previous record, the training speed and peak memory since then
+    (and epoch_totals), and best_model.pth when R@1 beats every validation so far. Returns the record."""
+    args, model = run.args, state.model
+    steps_done = progress.epoch_num * args.iterations_per_epoch + progress.iteration
+    images_per_s = (steps_done - run.clock_steps) * args.batch_size * run.world_size / (time.time() - run.clock_start)
     validation_start_time = time.time()
-    recalls = commons.computed_on_main(lambda: test.test(args, val_ds, model), world_size, is_main)
+    recalls = test.test(args, val_ds, model, world_size=run.world_size, rank=run.rank)
     model.train()
-    steps_done = epoch_num * args.iterations_per_epoch + iterations_done
+    group_num = progress.epoch_num % args.groups_num
     record, is_best = progress.add_validation(
-        recalls, args.recall_values, epoch=epoch_num, iteration=iterations_done, step=steps_done,
-        images_seen=steps_done * args.batch_size * world_size, group=epoch_num % args.groups_num,
-        lr=model_optimizer.param_groups[0]["lr"], classifiers_lr=classifiers_optimizers[
-            epoch_num % args.groups_num].param_groups[0]["lr"], run_time_s=time.time() - start_time, **epoch_totals)
+        recalls, args.recall_values, epoch=progress.epoch_num, iteration=progress.iteration, step=steps_done,
+        images_seen=steps_done * args.batch_size * run.world_size, group=group_num,
+        lr=state.model_optimizer.param_groups[0]["lr"],
+        classifiers_lr=state.classifiers_optimizers[group_num].param_groups[0]["lr"],
+        train_images_per_s=images_per_s if steps_done > run.clock_steps else None,
+        validation_time_s=time.time() - validation_start_time, peak_memory_mb=commons.peak_memory_mb(args.device),
+        run_time_s=time.time() - run.start_time, **epoch_totals)
     if "train_time_s" in epoch_totals:
-        record["epoch_time_s"] = epoch_totals["train_time_s"] + time.time() - validation_start_time
-    logging.info(f"Epoch {epoch_num:02d} iteration {iterations_done} ({steps_done} in all): "
+        record["epoch_time_s"] = epoch_totals["train_time_s"] + record["validation_time_s"]
+    speed = f"{record['train_images_per_s']:.1f} images/s, " if record["train_images_per_s"] else ""
+    logging.info(f"Epoch {progress.epoch_num:02d} iteration {progress.iteration} ({steps_done} in all): "
                  + ", ".join(f"{k} = {v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy")) and v)
-                 + f"; {val_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
-    if is_main:
-        files.append_jsonl(record, metrics_path)
+                 + f"; {val_ds}: {test.recalls_to_str(recalls, args.recall_values)}; {speed}validation "
+                 f"{record['validation_time_s']:.0f} s, peak memory {record['peak_memory_mb']:.0f} MB")
+    if run.is_main:
+        files.append_jsonl(record, run.path("metrics.jsonl"))
         if is_best:  # before any checkpoint that counts on it
-            files.atomic_torch_save(model.state_dict(), os.path.join(output_folder, "best_model.pth"))
+            files.atomic_torch_save(model.state_dict(), run.path("best_model.pth"))
+    run.restart_clock(steps_done)
     return record
 
 
-#### Train / evaluation loop
-logging.info("Start training ...")
-if args.val_every and not args.resume_train:  # the curve starts at the model as initialised
-    validate(0, 0)
-compiled_model = torch.compile(model) if args.compile else model
-pending_losses = commons.PendingLosses()
-for epoch_num in range(progress.epoch_num, args.epochs_num):
-    epoch_start_time, group_num = time.time(), epoch_num % args.groups_num
-    classifiers[group_num] = commons.move_with_optimizer(classifiers[group_num], classifiers_optimizers[group_num],
-                                                         args.device)
-    training_module = network.ModelWithHead(compiled_model, classifiers[group_num], auxiliary_losses)
-    if world_size > 1:
-        training_module = torch.nn.parallel.DistributedDataParallel(training_module)
-    dataloader = groups[group_num].loader(args.batch_size, args.seed, epoch_num, progress.iteration, rank, world_size,
-                                          args.num_workers, pin_memory=args.device.startswith("cuda"))
+def log_time_estimate(run, steps_done):
+    """Once, at the first read of the losses: how long the rest of the training should take at the speed so far."""
+    args, run.time_estimated = run.args, True
+    seconds_per_step = (time.time() - run.clock_start) / max(1, steps_done - run.clock_steps)
+    steps_left = args.epochs_num * args.iterations_per_epoch - steps_done
+    if steps_left:
+        logging.info(f"{seconds_per_step:.3f} s per iteration over iterations {run.clock_steps + 1}-{steps_done}: "
+                     f"about {commons.duration_to_str(seconds_per_step * steps_left)} of training left for the "
+                     f"{steps_left} remaining iterations, validations not counted")
+
+
+def train_epoch(run, state, training_module, group, train_augmentation, progress, val_ds):
+    """Trains the epoch progress.epoch_num from progress.iteration on, validating every --val_every steps and
+    checkpointing every --checkpoint_every steps inside it (steps counted over the whole training, as
+    --log_every). Returns the training time of the epoch, validations inside it included."""
+    args, epoch_start_time = run.args, time.time()
+    epoch_num, group_num = progress.epoch_num, progress.epoch_num % args.groups_num
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    optimizers_of_step = (state.model_optimizer, state.classifiers_optimizers[group_num], *state.auxiliary_optimizers)
+    dataloader = group.loader(args.batch_size, args.seed, epoch_num, progress.iteration, run.rank, run.world_size,
+                              args.num_workers, pin_memory=args.device.startswith("cuda"))
     dataloader_iterator = iter(dataloader)
-    model = model.train()
-    progress_bar = tqdm(range(progress.iteration, args.iterations_per_epoch), ncols=100, disable=not is_main,
+    state.model.train()
+    pending_losses = commons.PendingLosses()
+    progress_bar = tqdm(range(progress.iteration, args.iterations_per_epoch), ncols=100, disable=not run.is_main,
                         initial=progress.iteration, total=args.iterations_per_epoch, desc=f"epoch {epoch_num:02d}")
     for iteration in progress_bar:
         images, targets = next(dataloader_iterator)
@@ -185,55 +233,53 @@ for epoch_num in range(progress.epoch_num, args.epochs_num):
         targets = targets.to(args.device, non_blocking=True)
         step = epoch_num * args.iterations_per_epoch + iteration
         auxiliary_images = [loss.extra_images(images, step).contiguous(memory_format=memory_format)
-                            for loss in auxiliary_losses]
+                            for loss in state.auxiliary_losses]
         images = train_augmentation(images).contiguous(memory_format=memory_format)
-        for optimizer in (model_optimizer, classifiers_optimizers[group_num], *auxiliary_optimizers):
+        for optimizer in optimizers_of_step:
             optimizer.zero_grad(set_to_none=True)
         with test.autocast_context(args.device, args.amp):
             output, auxiliary_values = training_module(images, targets, auxiliary_images)
-            loss = criterion(output.float(), targets) + sum(auxiliary_values)
-        scaler.scale(loss).backward()
-        for optimizer in (model_optimizer, classifiers_optimizers[group_num], *auxiliary_optimizers):
-            scaler.step(optimizer)
-        scaler.update()
-        pending_losses.add(loss=loss, **{name: value for aux, aux_value in zip(auxiliary_losses, auxiliary_values)
+            loss = torch.nn.functional.cross_entropy(output.float(), targets) + sum(auxiliary_values)
+        state.scaler.scale(loss).backward()
+        for optimizer in optimizers_of_step:
+            state.scaler.step(optimizer)
+        state.scaler.update()
+        pending_losses.add(loss=loss, **{name: value for aux, aux_value in zip(state.auxiliary_losses,
+                                                                               auxiliary_values)
                                          for name, value in aux.logged_terms(aux_value).items()})
-        if (iteration + 1) % args.log_every == 0:
-            read_losses(epoch_num, iteration + 1)
-        if args.val_every and (step + 1) % args.val_every == 0 and iteration + 1 < args.iterations_per_epoch:
-            read_losses(epoch_num, iteration + 1)
-            validate(epoch_num, iteration + 1)
-        if args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0 \
-                and iteration + 1 < args.iterations_per_epoch:
-            read_losses(epoch_num, iteration + 1)
-            checkpoints.save_training_checkpoint(checkpoint_path, state, progress, args, epoch_num, iteration + 1,
-                                                 world_size, is_main)
-    read_losses(epoch_num, args.iterations_per_epoch)
-    if world_size > 1:
-        commons.check_replicas_in_sync([model, classifiers[group_num], *auxiliary_losses], world_size, epoch_num)
+        progress.iteration = iteration + 1
+        steps_done, epoch_ends = step + 1, iteration + 1 == args.iterations_per_epoch
+        if steps_done % args.log_every == 0 or epoch_ends:
+            read_losses(run, pending_losses, progress, progress_bar, steps_done)
+            if not run.time_estimated:
+                log_time_estimate(run, steps_done)
+        if args.val_every and steps_done % args.val_every == 0 and not epoch_ends:
+            read_losses(run, pending_losses, progress, progress_bar, steps_done)
+            validate(run, state, val_ds, progress)
+        if args.checkpoint_every and steps_done % args.checkpoint_every == 0 and not epoch_ends:
+            read_losses(run, pending_losses, progress, progress_bar, steps_done)
+            checkpoints.save_training_checkpoint(run.path("last_checkpoint.pth"), state, progress, args,
+                                                 run.world_size, run.is_main)
+    if run.world_size > 1:
+        commons.check_replicas_in_sync([state.model, state.classifiers[group_num], *state.auxiliary_losses],
+                                       run.world_size, epoch_num)
     del dataloader_iterator, dataloader
-    classifiers[group_num] = commons.move_with_optimizer(classifiers[group_num], classifiers_optimizers[group_num],
-                                                         "cpu")
-    train_time = time.time() - epoch_start_time
+    return time.time() - epoch_start_time
 
-    #### Evaluation at the end of the epoch; the record gets the epoch's totals
-    record = validate(epoch_num, args.iterations_per_epoch, train_time_s=train_time,
-                      epoch_loss=float(np.mean([terms["loss"] for terms in progress.epoch_losses])))
-    progress.epoch_losses, progress.recorded_losses = [], 0
-    for scheduler in schedulers:  # after the record: it logs the lr this epoch trained with
-        scheduler.step(record[f"val_R@{args.recall_values[0]}"])
-    checkpoints.save_training_checkpoint(checkpoint_path, state, progress, args, epoch_num + 1, 0, world_size, is_main)
 
-logging.info(f"Trained for {args.epochs_num:02d} epochs, in total in {time.time() - start_time:.0f} s")
-
-#### Test the best model on the test set
-if is_main:
-    if not args.keep_last_checkpoint:
-        os.remove(checkpoint_path)
-        logging.info(f"Removed {checkpoint_path}: the training has finished (--no-keep_last_checkpoint)")
-    best_model_path = os.path.join(output_folder, "best_model.pth")
-    if os.path.exists(best_model_path):
-        checkpoints.load_model_weights(model, best_model_path)
+def test_best_model(run, model, test_sets, progress):
+    """Tests the best validated weights (best_model.pth) on each query set of the test set, or the final weights
+    when no validation saved any, and writes test_results.json naming the weights tested; with --rerank the
+    top --rerank_k are re-ranked by local features; prediction pictures with --num_preds_to_save. Returns the
+    path of the weights tested."""
+    args = run.args
+    tested_path = run.path("best_model.pth")
+    if os.path.exists(tested_path):
+        checkpoints.load_model_weights(model, tested_path)
+    else:
+        tested_path = run.path("last_checkpoint.pth")
+        logging.warning(f"No validation saved best_model.pth (every val R@{args.recall_values[0]} was 0): testing "
+                        f"the final weights, those of {tested_path}")
     if progress.best_step == 0:
         logging.warning(f"No validation beat the network as loaded (val R@1 {progress.best_val_recall1:.1f} at step "
                         "0): best_model.pth holds the initial weights (a pretrained body? see --recipe finetune)")
@@ -241,12 +287,101 @@ if is_main:
         domain_adaptation.adapt_batchnorm(model, unlabeled_dataset.UnlabeledDataset(
             args.adabn_folder, args.test_image_size, args.test_resize), args.device, args.infer_batch_size,
             args.num_workers)
-    recalls, predictions, _ = test.test(args, test_ds, model, return_details=True)
-    logging.info(f"{test_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
-    test.save_test_results(os.path.join(output_folder, "test_results.json"), test_ds, best_model_path, recalls, args)
-    visualizations.save_predictions_report(predictions, test_ds, output_folder, args.num_preds_to_save,
-                                           args.save_only_wrong_preds, title=test.results_title(
-                                               test_ds, best_model_path, recalls, args.recall_values))
-    logging.info("Experiment finished (without any errors)")
-if world_size > 1:
-    dist.destroy_process_group()
+    rows = []
+    for test_ds, recalls, predictions, _ in test.test_query_sets(args, test_sets, model):
+        recalls, predictions, reranking = test.rerank_test(args, test_ds, predictions, recalls)
+        rows.append((test_ds, recalls, reranking))
+        output_folder = run.output_folder if test_ds is test_sets[0] else \
+            run.path(test_ds.label.replace("/", "_"))  # the first query set's pictures where they always were
+        visualizations.save_predictions_report(predictions, test_ds, output_folder, args.num_preds_to_save,
+                                               args.save_only_wrong_preds, title=test.results_title(
+                                                   test_ds, tested_path, recalls, args.recall_values),
+                                               matches=reranking and reranking.top1_matches)
+    test.save_test_results(run.path("test_results.json"), rows, tested_path, args)
+    return tested_path
+
+
+def main(args):
+    """Trains the model of args with CosPlace and tests its best validated weights, in the order of upstream's
+    train.py; returns the run folder (None on the other DDP processes)."""
+    start_time = time.time()
+    torch.backends.cudnn.benchmark = True  # input sizes are fixed during training
+
+    #### Processes (DDP through torchrun: one per GPU; a single process otherwise)
+    world_size, rank = commons.setup_distributed(args)
+
+    #### Logging: only the main process writes (logs, checkpoints)
+    run = Run(args, world_size, rank, start_logging(args, world_size, rank), start_time)
+    commons.log_arguments(args, run.output_folder)
+    commons.make_deterministic(args.seed)
+    commons.reuse_freed_memory()
+
+    #### Model
+    model = build_model(args)
+    logging.info(f"There are {torch.cuda.device_count()} GPUs and {os.cpu_count()} CPUs; training on {args.device}"
+                 + (f" with {world_size} processes" if world_size > 1 else ""))
+
+    #### Datasets
+    val_ds, test_sets = test_datasets(args)
+    if args.rerank != "none":  # a matcher without its weights fails now, not after the training
+        reranking.build_matcher(args.rerank, args.rerank_keypoints)
+    groups = training_groups(args, run)
+    initialize_aggregation(args, model, groups[0])
+
+    #### Classifiers (one margin head per group), augmentation, auxiliary losses, their optimizers
+    train_augmentation = augmentations.TrainAugmentation(args.augmentations, args).to(args.device)
+    state = training_state(args, model, groups, train_augmentation, rank)
+    if world_size > 1:  # every module was initialised alike; from here each process draws its own augmentations
+        commons.make_deterministic(args.seed + rank)
+
+    #### Resume
+    progress = checkpoints.resume_training(args.resume_train, state, args, world_size, rank, run.output_folder) \
+        if args.resume_train else checkpoints.TrainingProgress()
+    for record in progress.metrics_history if run.is_main else ():  # each run folder holds the whole history
+        files.append_jsonl(record, run.path("metrics.jsonl"))
+
+    #### Train / evaluation loop
+    logging.info("Start training ...")
+    run.restart_clock(progress.epoch_num * args.iterations_per_epoch + progress.iteration)
+    if args.val_every and not args.resume_train:  # the curve starts at the model as initialised
+        validate(run, state, val_ds, progress)
+    compiled_model = torch.compile(model) if args.compile else model
+    while progress.epoch_num < args.epochs_num:
+        group_num = progress.epoch_num % args.groups_num
+        state.classifiers[group_num] = commons.move_with_optimizer(
+            state.classifiers[group_num], state.classifiers_optimizers[group_num], args.device)
+        training_module = network.ModelWithHead(compiled_model, state.classifiers[group_num], state.auxiliary_losses)
+        if world_size > 1:
+            training_module = torch.nn.parallel.DistributedDataParallel(training_module)
+        train_time = train_epoch(run, state, training_module, groups[group_num], train_augmentation, progress, val_ds)
+        state.classifiers[group_num] = commons.move_with_optimizer(
+            state.classifiers[group_num], state.classifiers_optimizers[group_num], "cpu")
+
+        #### Evaluation at the end of the epoch; the record gets the epoch's totals
+        record = validate(run, state, val_ds, progress, train_time_s=train_time,
+                          epoch_loss=float(np.mean([terms["loss"] for terms in progress.epoch_losses])))
+        for scheduler in state.schedulers:  # after the record: it logs the lr this epoch trained with
+            scheduler.step(record[f"val_R@{args.recall_values[0]}"])
+        progress.next_epoch()
+        checkpoints.save_training_checkpoint(run.path("last_checkpoint.pth"), state, progress, args, world_size,
+                                             run.is_main)
+
+    logging.info(f"Trained for {args.epochs_num:02d} epochs, in total in {time.time() - start_time:.0f} s")
+
+    #### Test the best model on the test set
+    if run.is_main:
+        tested_path = test_best_model(run, model, test_sets, progress)
+        if not args.keep_last_checkpoint and tested_path == run.path("last_checkpoint.pth"):
+            logging.info(f"Kept {tested_path} despite --no-keep_last_checkpoint: it holds the weights tested")
+        elif not args.keep_last_checkpoint:
+            os.remove(run.path("last_checkpoint.pth"))
+            logging.info(f"Removed {run.path('last_checkpoint.pth')}: the training has finished "
+                         f"(--no-keep_last_checkpoint)")
+        logging.info("Experiment finished (without any errors)")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return run.output_folder
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, ARGS)

@@ -127,8 +127,27 @@ def make_prediction_image(query_index, query_predictions, distances, dataset, si
     return row_image(tiles)
 
 
-def save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds=False):
-    """Writes output_folder/preds/<query>.jpg for every query (or only those whose top-1 is wrong)."""
+def matches_image(query_path, database_path, query_points, database_points, caption, height=2 * TILE_SIZE):
+    """The query and a database image side by side, height pixels high, a line between the two ends of each match
+    (points as fractions of each image's width and height), captioned."""
+    images = [ImageOps.contain(load_pil_image(path), (4 * height, height)) for path in (query_path, database_path)]
+    canvas = Image.new("RGB", (images[0].width + FRAME + images[1].width, height + TEXT_HEIGHT), "white")
+    canvas.paste(images[0], (0, 0))
+    canvas.paste(images[1], (images[0].width + FRAME, 0))
+    draw = ImageDraw.Draw(canvas)
+    for (x0, y0), (x1, y1) in zip(query_points, database_points):
+        start = (x0 * images[0].width, y0 * images[0].height)
+        end = (images[0].width + FRAME + x1 * images[1].width, y1 * images[1].height)
+        draw.line([start, end], fill=(255, 210, 0), width=2)
+        for x, y in (start, end):
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=(255, 210, 0), width=2)
+    draw.text((FRAME, height + 4), caption, fill=(0, 0, 0), font=font(18))
+    return canvas
+
+
+def save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds=False, matches=None):
+    """Writes output_folder/preds/<query>.jpg for every query (or only those whose top-1 is wrong); with matches
+    (per query, the points of the inlier matches with its top-1, from re-ranking) the picture shows them below."""
     predictions = np.asarray(predictions)[:, :num_preds_to_save]
     distances = prediction_distances(predictions, dataset)
     folder = os.path.join(output_folder, "preds")
@@ -138,6 +157,11 @@ def save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only
         if save_only_wrong_preds and top1_correct:
             continue
         image = make_prediction_image(query_index, predictions[query_index], distances[query_index], dataset)
+        if matches is not None:
+            query_points, database_points = matches[query_index]
+            image = stack_rows([image, matches_image(
+                dataset.queries_paths[query_index], dataset.database_paths[predictions[query_index, 0]], query_points,
+                database_points, f"{len(query_points)} verified matches with #1 (re-ranking)")])
         name = f"{query_index:05d}_{'correct' if top1_correct else 'wrong'}.jpg"
         image.save(os.path.join(folder, name), quality=90)
     return folder
@@ -231,13 +255,14 @@ def save_summary_page(predictions, dataset, output_folder, num_preds, num_failur
 
 
 def save_predictions_report(predictions, dataset, output_folder, num_preds_to_save=0, save_only_wrong_preds=False,
-                            title=None):
+                            title=None, matches=None):
     """What eval.py and train.py keep of a test: always output_folder/predictions.csv; with num_preds_to_save > 0
-    also the per-query pictures (preds/) and the summary page, titled title (default the test set's name)."""
+    also the per-query pictures (preds/; with matches, those of each query's top-1 as save_preds says) and the
+    summary page, titled title (default the test set's name)."""
     os.makedirs(output_folder, exist_ok=True)
     save_predictions_csv(predictions, dataset, os.path.join(output_folder, "predictions.csv"))
     if num_preds_to_save:
-        save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds)
+        save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds, matches)
         save_summary_page(predictions, dataset, output_folder, num_preds_to_save, title=title)
 
 

@@ -422,7 +422,24 @@ def main():
     cli.add_argument("--data", default=None, help="existing benchmark data folder (default: a new temporary one)")
     cli.add_argument("--out", default=None, help="also write the results as JSON here")
     cli.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
+    cli.add_argument("--original", default=None, metavar="PATH",
+                     help="a checkout of the original CosPlace: compare train.py with it instead, side by side on "
+                          "--dataset_folder (benchmarks/side_by_side.py)")
+    cli.add_argument("--original_python", default=sys.executable, help="a Python with the original's requirements")
+    cli.add_argument("--dataset_folder", default=None, help="with --original: train/, val/, test/ of real images")
+    cli.add_argument("--side_by_side_iterations", type=int, default=100,
+                     help="with --original: training iterations of each run")
     config = cli.parse_args()
+    if config.original:
+        if not config.dataset_folder:
+            cli.error("--original needs --dataset_folder (train/, val/ and test/ with database/ and queries/)")
+        import side_by_side
+        config.iterations = config.side_by_side_iterations
+        figures = side_by_side.compare(config)
+        if config.out:
+            files.atomic_json_dump({"machine": machine_description("cpu"), "config": vars(config), **figures},
+                                   config.out)
+        return
     config.device = commons.resolve_device(config.device)
     config.amp = config.amp or ("bf16" if config.device.startswith("cuda") else "none")
     if config.case:

@@ -6,17 +6,14 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
-import tempfile
 from datetime import datetime
 
 from core.errors import UserError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UMASK = os.umask(0o022)  # read once at import (os.umask has no getter), then restored
-os.umask(UMASK)
-NEW_FILE_MODE = 0o666 & ~UMASK  # the permissions open() would give a new file
 DISK_FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 
 
@@ -73,12 +70,10 @@ def atomic_write(path, write_function, mode="wb"):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        file_descriptor, temporary_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                                           suffix=f".{os.getpid()}.tmp")
+        file_descriptor, temporary_path = create_temporary_file(path)
     except OSError as error:
         raise unwritable_error(path, error, path) from None
     try:
-        os.chmod(temporary_path, NEW_FILE_MODE)  # mkstemp's 0600 would hide results from other users
         with os.fdopen(file_descriptor, mode) as file:
             write_function(file)
             file.flush()
@@ -95,6 +90,19 @@ def atomic_write(path, write_function, mode="wb"):
         os.fsync(directory_descriptor)
     finally:
         os.close(directory_descriptor)
+
+
+def create_temporary_file(path):
+    """(file descriptor, path) of a new empty file beside path, .NAME.RANDOM.PID.tmp, created with the permissions
+    open() gives a new file (the kernel applies the umask; tempfile.mkstemp's 0600 would hide results from other
+    users)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        temporary_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.{os.getpid()}.tmp")
+        try:
+            return os.open(temporary_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary_path
+        except FileExistsError:
+            continue
 
 
 def remove_stale_temporary_files(folder):

@@ -7,7 +7,6 @@ splitting on '@' gives UTM east in field 1, UTM north in field 2 and the heading
 import logging
 import os
 from dataclasses import dataclass
-from glob import glob
 
 import numpy as np
 
@@ -72,14 +71,50 @@ def format_image_name(utm_east, utm_north, zone="", letter="", lat="", lon="", p
 def find_images(folder, image_check=None):
     """All images under folder (recursively), sorted, or a DatasetError if there are none. image_check
     (datasets/image_check.py, --check_images) maps the paths to those that can be read."""
+    paths = [os.path.join(folder, path) for path in scan_images(folder)[0]]
+    return image_check(paths) if image_check is not None else paths
+
+
+def scan_images(folder):
+    """(relative paths, directories): the images under folder (recursively, following links to folders and
+    leaving out hidden names, as glob does), sorted, and the modification time of every folder scanned, read
+    before it is listed. A file added, removed or renamed changes its folder's time: these times are a
+    fingerprint of the file list that a stat per folder checks (tree_changes), without listing the files.
+    One os.scandir per folder: several times faster than glob at a million files."""
     if not os.path.isdir(folder):
         raise DatasetError(f"Folder {folder} does not exist: a dataset folder holds train/ (images) and val/, "
                            f"test/ (each with database/ and queries/)")
-    paths = sorted(p for p in glob(os.path.join(folder, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    paths, directories, pending = [], {}, [""]
+    while pending:
+        relative_folder = pending.pop()
+        absolute_folder = os.path.join(folder, relative_folder)
+        directories[relative_folder] = os.stat(absolute_folder).st_mtime_ns
+        with os.scandir(absolute_folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                path = os.path.join(relative_folder, entry.name)
+                if entry.is_dir():
+                    pending.append(path)
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(path)
     if len(paths) == 0:
         raise DatasetError(f"Folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return image_check(paths) if image_check is not None else paths
+    paths.sort()
+    return paths, directories
+
+
+def tree_changes(folder, directories):
+    """The folders of scan_images' directories whose modification time is no longer the recorded one (or that
+    are gone): where a file was added, removed or renamed since the scan."""
+    changed = []
+    for relative_folder, mtime_ns in directories.items():
+        try:
+            if os.stat(os.path.join(folder, relative_folder)).st_mtime_ns != mtime_ns:
+                changed.append(relative_folder)
+        except OSError:
+            changed.append(relative_folder)
+    return changed
 
 
 def find_queries_folder(dataset_folder):

@@ -265,12 +265,20 @@ def batches_by_size(dataset, indices, batch_size):
             for start in range(0, len(bucket), batch_size)]
 
 
+def own_generator():
+    """A DataLoader's own random generator. Every iterator of a DataLoader draws its workers' base seed from its
+    generator, by default the global torch one: the loaders of a validation or of DANN's target images would shift
+    the random stream of the training augmentation (a run with --val_every would train other weights). Their items
+    are not random, so a fixed generator changes nothing else."""
+    return torch.Generator().manual_seed(0)
+
+
 def normalized_batches(dataset, device, batch_size=16, num_workers=0, indices=None, description="images"):
     """(ImageNet-normalised images on device, their indices) of the dataset's items at indices (all by
     default), batched by size (batches_by_size), with a progress bar."""
     indices = list(range(len(dataset))) if indices is None else list(indices)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_by_size(dataset, indices, batch_size),
                                          num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
-                                         collate_fn=collate_images)
+                                         collate_fn=collate_images, generator=own_generator())
     for images, batch_indices in tqdm(loader, ncols=100, desc=description, leave=False):
         yield normalize(images_to_device(images, dataset.image_size, device, dataset.test_resize)), batch_indices

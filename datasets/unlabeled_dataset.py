@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from datasets.dataset_utils import find_images
-from datasets.image_loading import ImageListDataset
+from datasets.image_loading import ImageListDataset, own_generator
 
 
 class UnlabeledDataset(ImageListDataset):
@@ -47,4 +47,4 @@ def folder_batches(folder, image_size, batch_size, seed, start_step, device, ran
     dataset = UnlabeledDataset(folder, image_size, test_resize="square")  # stacked as the training images
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=RandomBatchSampler(
         len(dataset), batch_size, seed, start_step, rank), num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda"))
+        pin_memory=torch.device(device).type == "cuda", generator=own_generator()))

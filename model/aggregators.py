@@ -42,6 +42,7 @@ class MixVPR(nn.Module):
     def __init__(self, in_channels, fc_output_dim, depth=4, out_rows=4, map_size=16, mlp_ratio=1):
         super().__init__()
         self.map_size = (map_size, map_size)
+        self.resized_sizes = set()  # the map sizes whose resizing was logged
         positions = map_size * map_size
         self.mix = nn.Sequential(*[FeatureMixer(positions, mlp_ratio) for _ in range(depth)])
         self.channel_projection = nn.Linear(in_channels, split_descriptor(fc_output_dim, out_rows, "--mixvpr_out_rows"))
@@ -49,6 +50,12 @@ class MixVPR(nn.Module):
 
     def forward(self, x):
         if x.shape[-2:] != self.map_size:
+            # logged once per size (a silent resize hid a wrong setting), outside torch.compile's graphs
+            if not torch.compiler.is_compiling() and tuple(x.shape[-2:]) not in self.resized_sizes:
+                self.resized_sizes.add(tuple(x.shape[-2:]))
+                logging.info(f"MixVPR: feature maps of {x.shape[-2]}x{x.shape[-1]} are resized to "
+                             f"{self.map_size[0]}x{self.map_size[1]} (--mixvpr_map_size {self.map_size[0]}, the map "
+                             f"of {32 * self.map_size[0]} px images with a stride-32 backbone)")
             x = F.adaptive_avg_pool2d(x, self.map_size)
         x = self.mix(x.flatten(2))  # [B, C, h*w]
         x = self.channel_projection(x.transpose(1, 2))  # [B, h*w, D / rows]

@@ -7,13 +7,17 @@ children (conv1, bn1, relu, maxpool, layer1..4), which gives the state-dict keys
 checkpoints (backbone.0 ... backbone.7). Any other name (or timm/NAME) is a timm model.
 """
 
+import contextlib
 import functools
 import logging
 import os
+import socket
+import urllib.parse
 
 import timm
 import torch
 import torchvision
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
@@ -25,12 +29,13 @@ class PretrainedWeightsUnavailable(UserError, RuntimeError):
 
 
 def offline_message(backbone_name, error, cache_folder):
-    return (f"Could not get the ImageNet weights of {backbone_name} ({type(error).__name__}: {error}).\n"
-            f"This machine seems to have no internet access. Either:\n"
-            f"  - run once with internet (the weights are cached under {cache_folder}), or copy the weights "
-            f"file there, or\n"
-            f"  - pass --pretrained /path/to/weights.pth (a state dict of the {backbone_name} classification model), or\n"
-            f"  - pass --pretrained none to start from a random initialisation.")
+    """One line: what failed, and the three ways on."""
+    reason = " ".join(str(error).split())
+    return (f"Could not get the ImageNet weights of {backbone_name} ({type(error).__name__}: {reason}): this "
+            f"machine seems to have no internet access. Run once with internet (the weights are cached under "
+            f"{cache_folder}) or copy the weights file there, or pass --pretrained /path/to/weights.pth (a state "
+            f"dict of the {backbone_name} classification model), or --pretrained none to start from a random "
+            f"initialisation")
 
 
 def check_weights_file(path, backbone_name):
@@ -120,6 +125,24 @@ def create_timm_features(name, **kwargs):
     return create()
 
 
+@contextlib.contextmanager
+def hub_offline_unless_reachable(timeout=5):
+    """huggingface_hub's offline mode inside the block when its host does not answer within timeout seconds: cached
+    weights then load at once and missing ones fail at once, where the hub's retries took 47 s."""
+    endpoint = urllib.parse.urlparse(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        reachable = True
+    except OSError:  # a DNS failure, no route, a timeout
+        reachable = False
+    offline = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = offline or not reachable  # read at each request (is_offline_mode)
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = offline
+
+
 class TimmBackbone(nn.Module):
     """The last feature map of a timm model. For ViT-like models timm's features_only wrapper drops the CLS and
     register tokens and reshapes the patch tokens into a [B, C, H/patch, W/patch] map (dynamic_img_size=True,
@@ -150,7 +173,8 @@ class TimmBackbone(nn.Module):
             raise PretrainedWeightsUnavailable(f"timm has no pretrained weights for {name}: pass --pretrained none, "
                                                f"or a weights file, or pick one of timm.list_models(pretrained=True)")
         try:
-            return create_timm_features(name, pretrained=True)
+            with hub_offline_unless_reachable():
+                return create_timm_features(name, pretrained=True)
         except OSError as e:  # huggingface_hub's LocalEntryNotFoundError, URLError
             raise PretrainedWeightsUnavailable(offline_message(name, e, HF_HUB_CACHE)) from None
 
@@ -212,13 +236,15 @@ def check_backbone_name(name):
                             f"them; timm/NAME picks timm's version of a torchvision name)")
 
 
-def get_backbone(name, pretrained="imagenet", train_all_layers=False, trainable_stages=None):
+def get_backbone(name, pretrained="imagenet", train_all_layers=False, trainable_stages=None, for_training=True):
     """The backbone called name (a BACKBONES key, else a timm model; timm/NAME forces timm), with its early
-    stages frozen as freeze_stages says."""
+    stages frozen as freeze_stages says; for_training=False (evaluation scripts) freezes and logs nothing, since
+    nothing trains there."""
     check_backbone_name(name)
     if name in BACKBONES:
         backbone = BACKBONES[name](name, pretrained)
     else:
         backbone = TimmBackbone(name.removeprefix("timm/"), pretrained)
-    freeze_stages(backbone, trainable_stages, train_all_layers)
+    if for_training:
+        freeze_stages(backbone, trainable_stages, train_all_layers)
     return backbone

@@ -11,9 +11,10 @@ from model.backbones import get_backbone
 
 class GeoLocalizationNet(nn.Module):
     def __init__(self, backbone="resnet18", fc_output_dim=512, aggregator="gem", pretrained="imagenet",
-                 train_all_layers=False, trainable_stages=None, aggregator_options=None, freeze_bn_stats="none"):
+                 train_all_layers=False, trainable_stages=None, aggregator_options=None, freeze_bn_stats="none",
+                 for_training=True):
         super().__init__()
-        self.backbone = get_backbone(backbone, pretrained, train_all_layers, trainable_stages)
+        self.backbone = get_backbone(backbone, pretrained, train_all_layers, trainable_stages, for_training)
         self.frozen_batchnorms = frozen_batchnorms(self.backbone, freeze_bn_stats)
         self.aggregation = get_aggregator(aggregator, self.backbone.out_channels, fc_output_dim,
                                           **(aggregator_options or {}))
@@ -56,12 +57,13 @@ def frozen_batchnorms(backbone, which):
 def build_model(args):
     """The model described by the parsed arguments (one place, so train/eval/geolocalize agree). Weights that a
     checkpoint (--resume_model, --resume_train) will replace are never fetched: that works offline. The training
-    flags (frozen stages and statistics) are absent from the evaluation scripts: their defaults then."""
+    flags (frozen stages and statistics) are absent from the evaluation scripts: nothing is frozen there, and their
+    log does not speak of training stages."""
     from_checkpoint = getattr(args, "resume_model", None) or getattr(args, "resume_train", None)
     return GeoLocalizationNet(args.backbone, args.fc_output_dim, args.aggregator,
                               "none" if from_checkpoint else args.pretrained, getattr(args, "train_all_layers", False),
                               getattr(args, "trainable_stages", None), options_from_args(args.aggregator, args),
-                              getattr(args, "freeze_bn_stats", "none"))
+                              getattr(args, "freeze_bn_stats", "none"), for_training=hasattr(args, "trainable_stages"))
 
 
 class ModelWithHead(nn.Module):

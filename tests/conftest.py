@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset, the real mini dataset (skipped when absent), script runners."""
 
 import glob
+import logging
 import os
 import subprocess
 import sys
@@ -55,6 +56,33 @@ def run_script(script, *args, check=True, timeout=600, env=None):
     return result
 
 
+def undo_logging_setup():
+    """Removes the handlers that a script run in this process added to the root logger (its log files) and its
+    exception hook, so that the next run's logs do not reach the previous run's files."""
+    for handler in list(logging.getLogger().handlers):
+        if not type(handler).__module__.startswith("_pytest"):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    sys.excepthook = sys.__excepthook__
+
+
+@pytest.fixture(autouse=True)
+def scripts_run_in_process_leave_no_logging():
+    yield
+    undo_logging_setup()
+
+
+def train_in_process(*args):
+    """Runs train.main in this process with the flags args (a subprocess costs seconds of imports per run); returns
+    the run folder. The logging that the run set up (its files, the exception hook) is undone afterwards."""
+    import parser
+    import train
+    try:
+        return train.main(parser.parse_arguments("train", [str(arg) for arg in args]))
+    finally:
+        undo_logging_setup()
+
+
 def tiny_training_args(dataset_folder, tmp_path, *extra):
     """Flags of a few-second training run on the synthetic dataset."""
     return ["--dataset_folder", dataset_folder, "--groups_num", "1", "--epochs_num", "1", "--iterations_per_epoch", "3",
@@ -66,3 +94,10 @@ def tiny_training_args(dataset_folder, tmp_path, *extra):
 def run_folders(tmp_path, save_dir="default"):
     """The run folders under tmp_path/logs/<save_dir>, oldest first."""
     return sorted(glob.glob(os.path.join(tmp_path, "logs", save_dir, "*")), key=os.path.getmtime)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the real images or weights of ../shared are slow (minutes on 2 cores): `-m "not slow"` leaves them out."""
+    for item in items:
+        if {"sf_xs_night_mini", "lite0_weights"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -33,11 +33,12 @@ def train_one_step(state):
 def test_a_saved_training_comes_back_exactly(tmp_path):
     state, args = training_state(0), argparse.Namespace(lr=0.1, seed=0)
     train_one_step(state)
-    progress = checkpoints.TrainingProgress(best_val_recall1=42.0, epoch_losses=[{"loss": 1.5}], recorded_losses=1,
+    progress = checkpoints.TrainingProgress(epoch_num=2, iteration=5, best_val_recall1=42.0,
+                                            epoch_losses=[{"loss": 1.5}], recorded_losses=1,
                                             metrics_history=[{"step": 3, "val_R@1": 42.0}])
     path = str(tmp_path / "last_checkpoint.pth")
     torch.manual_seed(123)
-    checkpoints.save_training_checkpoint(path, state, progress, args, epoch_num=2, iteration=5)
+    checkpoints.save_training_checkpoint(path, state, progress, args)
     expected_random = torch.rand(3)
     restored = training_state(1)  # other weights, fresh optimizer states
     torch.manual_seed(999)
@@ -73,15 +74,15 @@ def test_non_finite_losses_and_weights_stop_at_the_right_place(tmp_path):
         state.model.weight[0, 0] = math.inf
     assert not checkpoints.weights_are_finite([state.model])
     with pytest.raises(checkpoints.TrainingDiverged, match="The weights became non-finite at epoch 0, iteration 4"):
-        checkpoints.save_training_checkpoint(str(tmp_path / "c.pth"), state, checkpoints.TrainingProgress(),
-                                             argparse.Namespace(), 0, 4)
+        checkpoints.save_training_checkpoint(str(tmp_path / "c.pth"), state, checkpoints.TrainingProgress(iteration=4),
+                                             argparse.Namespace())
     assert not (tmp_path / "c.pth").exists()
 
 
 def test_a_checkpoint_of_another_setup_names_the_flags(tmp_path):
     state, args = training_state(0), argparse.Namespace(lr=0.1)
     path = str(tmp_path / "last_checkpoint.pth")
-    checkpoints.save_training_checkpoint(path, state, checkpoints.TrainingProgress(), args, 1, 0)
+    checkpoints.save_training_checkpoint(path, state, checkpoints.TrainingProgress(epoch_num=1), args)
     other = training_state(0)
     other.auxiliary_losses.clear()
     with pytest.raises(checkpoints.CheckpointError, match="1 auxiliary losses, this run 0: use the same --ssl_loss"):

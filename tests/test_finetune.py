@@ -92,6 +92,7 @@ def val_recalls_at(folder, steps):
     return [records[step] for step in steps]
 
 
+@pytest.mark.timeout(900)  # two real trainings: about 3 minutes on 2 quiet cores
 def test_finetuning_real_weights_on_real_images_improves_where_the_default_dips(sf_xs_night_mini, lite0_weights,
                                                                               tmp_path):
     """EfficientNet-Lite0 with its ImageNet weights on the real night images at 224 px, batches of 32, seed 0: the
@@ -110,7 +111,8 @@ def test_finetuning_real_weights_on_real_images_improves_where_the_default_dips(
                timeout=900)
     untrained, default = val_recalls_at(run_folders(tmp_path, "cosplace")[-1], (0, 100))
     untrained_again, finetuned_100, finetuned_200 = val_recalls_at(run_folders(tmp_path, "finetune")[-1], (0, 100, 200))
-    assert untrained == untrained_again == pytest.approx(83.33, abs=0.01)  # the same network before training
+    assert untrained == untrained_again  # the same network before training
+    assert untrained > 60  # the ImageNet weights are loaded: a randomly initialised network scores 25-50 here
     assert default <= untrained - 4 * 100 / 84  # the dip of the upstream recipe: four queries lost or more
     assert finetuned_100 >= untrained  # no dip
     assert finetuned_200 >= untrained + 3 * 100 / 84  # at least three more queries found

@@ -183,8 +183,11 @@ def test_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_pa
 def test_ctrl_c_names_the_last_good_checkpoint_and_the_resume_command(synthetic_dataset, tmp_path):
     args = tiny_training_args(synthetic_dataset, tmp_path, "--image_size", "32", "--epochs_num", "50",
                               "--iterations_per_epoch", "2")
+    # A background job (pytest run with &) inherits SIGINT ignored, and Python then installs no Ctrl-C handler:
+    # the child gets the disposition of a terminal's foreground process, whatever pytest was given
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = []
     for line in process.stdout:
         output.append(line)

@@ -100,17 +100,17 @@ def test_numbers_equal_the_logs(tmp_path):
         "metrics.jsonl", "test_results.json")} | {os.path.relpath(logs / "eval_tokyo" / "2024-01-02_00-00-00" /
                                                                   "results.json")}
     assert all(rows["killed"][key] == "" for key in rows["killed"] if key.startswith(("SF-XS", "Tokyo")))
-    assert "| resnet18_gem | 52.1 | 66.6 | 48.8 | 61.0 | 33.3 | 50.5 |" in markdown
+    assert "| resnet18_gem | native | 52.1 | 66.6 | 48.8 | 61.0 | 33.3 | 50.5 |" in markdown
     header = markdown.splitlines()[0]
     assert header.index("SF-XS val") < header.index("SF-XS test") < header.index("Tokyo-XS")
     latex = read_text(os.path.join(out, "results_table.tex"))
-    assert r"resnet18\_gem & 52.1 & 66.6 & 48.8 & 61.0 & 33.3 & 50.5 \\" in latex
+    assert r"resnet18\_gem & native & 52.1 & 66.6 & 48.8 & 61.0 & 33.3 & 50.5 \\" in latex
 
 
 def test_other_settings_get_their_own_labelled_rows(tmp_path, capsys):
     logs = tmp_path / "logs"
     model_run = write_run(str(logs / "resnet18_sfxs" / "2024-01-01_00-00-00"), args=train_args("resnet18_sfxs"),
-                          metrics=[record(0, None, 50.0, 60.0)], test_results=training_test_results(48.75, 61.0))
+                          metrics=[record(250, 7.0, 50.0, 60.0)], test_results=training_test_results(48.75, 61.0))
     model = os.path.join(model_run, "best_model.pth")
     other_settings = [("ivfpq nlist=1024 nprobe=32", {"faiss_index": "ivfpq",
                                                       "faiss_options": {"nlist": 1024, "nprobe": 32}}),
@@ -147,6 +147,57 @@ def test_other_settings_get_their_own_labelled_rows(tmp_path, capsys):
         logs / "evals" / "2024-01-02_00-00-01" / "results.json")
 
 
+def tokyo_results(model, day, night, settings=SETTINGS):
+    """eval.py's results.json of a Tokyo-XS test folder with queries/ and night/: one entry per query folder."""
+    results = eval_results(model, {"/data/tokyo_xs/test": {"R@1": day, "R@5": day + 10},
+                                   "/data/tokyo_xs/test/night": {"R@1": night, "R@5": night + 10}}, settings)
+    results["labels"] = {"/data/tokyo_xs/test": "tokyo_xs/test", "/data/tokyo_xs/test/night": "tokyo_xs/test/night"}
+    return results
+
+
+def test_the_course_table(tmp_path):
+    """Columns SF-XS val, SF-XS test, Tokyo-XS, Tokyo-night (other test sets after them), the test size in every row,
+    seeds aggregated, and the rows whose best_model.pth is the network as loaded flagged."""
+    logs = tmp_path / "logs"
+    at_224 = {**SETTINGS, "test_image_size": 224}
+    # A short --recipe cosplace run from ImageNet weights: the validation before training (step 0) stays the best
+    cosplace = write_run(str(logs / "cosplace" / "2024-01-01_00-00-00"),
+                         args=train_args("cosplace", test_image_size=224),
+                         metrics=[record(0, None, 70.0, 80.0), record(100, 8.0, 60.0, 75.0)],
+                         test_results=training_test_results(50.0, 60.0, at_224))
+    write_run(str(logs / "eval" / "2024-01-02_00-00-00"), results=tokyo_results(
+        os.path.join(cosplace, "best_model.pth"), 40.0, 20.0, at_224))
+    # Two seeds of --recipe finetune at the native size: the first one's best is step 0 too, the second's step 100
+    for seed, (recall0, recall100) in enumerate([(70.0, 65.0), (70.0, 74.0)]):
+        folder = write_run(str(logs / "finetune" / f"2024-01-03_00-0{seed}-00"),
+                           args=train_args("finetune", seed, recipe="finetune"),
+                           metrics=[record(0, None, recall0, 80.0), record(100, 7.0, recall100, 85.0)],
+                           test_results=training_test_results(55.0 + seed, 65.0))
+        write_run(str(logs / "eval" / f"2024-01-04_00-0{seed}-00"), results=tokyo_results(
+            os.path.join(folder, "best_model.pth"), 44.0 + 2 * seed, 30.0 + 2 * seed))
+    # Another test set keeps its column, after the course's
+    write_run(str(logs / "eval" / "2024-01-05_00-00-00"),
+              results=eval_results(os.path.join(cosplace, "best_model.pth"),
+                                   {"/data/pitts30k/test": {"R@1": 33.0, "R@5": 44.0}}, at_224))
+    out, rows, markdown = report(tmp_path, "--aggregate_seeds")
+    lines = markdown.splitlines()
+    assert lines[0] == ("| Experiment | test size | SF-XS val R@1 | SF-XS val R@5 | SF-XS test R@1 | "
+                        "SF-XS test R@5 | Tokyo-XS R@1 | Tokyo-XS R@5 | Tokyo-night R@1 | Tokyo-night R@5 | "
+                        "Pitts30k R@1 | Pitts30k R@5 |")
+    assert lines[2:] == [
+        "| cosplace (best = step 0) | 224 | 70.0 (n=1) | 80.0 (n=1) | 50.0 (n=1) | 60.0 (n=1) | 40.0 (n=1) | "
+        "50.0 (n=1) | 20.0 (n=1) | 30.0 (n=1) | 33.0 (n=1) | 44.0 (n=1) |",
+        "| finetune (best = step 0 in 1 of 2) | native | 72.0 +- 2.8 (n=2) | 82.5 +- 3.5 (n=2) | "
+        "55.5 +- 0.7 (n=2) | 65.0 +- 0.0 (n=2) | 45.0 +- 1.4 (n=2) | 55.0 +- 1.4 (n=2) | 31.0 +- 1.4 (n=2) | "
+        "41.0 +- 1.4 (n=2) | – | – |"]
+    night = rows["finetune (best = step 0 in 1 of 2)"]
+    assert float(night["Tokyo-night R@1 mean"]) == pytest.approx(np.mean([30.0, 32.0]))
+    assert night["test size"] == "native" and rows["cosplace (best = step 0)"]["test size"] == "224"
+    latex = read_text(os.path.join(out, "results_table.tex"))
+    assert r"\multicolumn{2}{c}{Tokyo-XS} & \multicolumn{2}{c}{Tokyo-night}" in latex
+    assert r"cosplace (best = step 0) & 224 & 70.0 (n=1) &" in latex
+
+
 def seed_runs(logs, recalls, save_dir="resnet18", first_minute=10, **flags):
     """Training runs that differ only by seed and by the flags that do not change results."""
     folders = []
@@ -178,10 +229,10 @@ def test_aggregate_seeds(tmp_path):
 
     out, rows, markdown = report(tmp_path, "--aggregate_seeds")
     assert list(rows) == ["untrained", "resnet18 (lr=1e-05)", "resnet18 (lr=0.0001)"]
-    assert "| resnet18 (lr=1e-05) | 81.0 +- 2.0 (n=3) | 91.0 +- 0.0 (n=3) | 82.0 +- 2.0 (n=3) | 91.0 +- 1.0 (n=3) |" \
-           in markdown
-    assert "| resnet18 (lr=0.0001) | 69.0 (n=1) | 91.0 (n=1) | 70.0 (n=1) | 90.0 (n=1) |" in markdown
-    assert "| untrained | 6.0 +- 1.4 (n=2) | 9.0 +- 0.0 (n=2) | – | – |" in markdown
+    assert "| resnet18 (lr=1e-05) | native | 81.0 +- 2.0 (n=3) | 91.0 +- 0.0 (n=3) | 82.0 +- 2.0 (n=3) | " \
+           "91.0 +- 1.0 (n=3) |" in markdown
+    assert "| resnet18 (lr=0.0001) | native | 69.0 (n=1) | 91.0 (n=1) | 70.0 (n=1) | 90.0 (n=1) |" in markdown
+    assert "| untrained | native | 6.0 +- 1.4 (n=2) | 9.0 +- 0.0 (n=2) | – | – |" in markdown
     seeds = rows["resnet18 (lr=1e-05)"]
     assert float(seeds["SF-XS test R@1 mean"]) == pytest.approx(np.mean([80.0, 82.0, 84.0]))
     assert float(seeds["SF-XS test R@1 std"]) == pytest.approx(np.std([80.0, 82.0, 84.0], ddof=1))
@@ -192,7 +243,7 @@ def test_aggregate_seeds(tmp_path):
            == (70.0, "", "1")
     assert float(rows["untrained"]["SF-XS val R@1 std"]) == pytest.approx(np.std([5.0, 7.0], ddof=1))
     latex = read_text(os.path.join(out, "results_table.tex"))
-    assert r"resnet18 (lr=1e-05) & 81.0 $\pm$ 2.0 (n=3) &" in latex
+    assert r"resnet18 (lr=1e-05) & native & 81.0 $\pm$ 2.0 (n=3) &" in latex
     # The curves as a table: val R@1 at each step (records 10, R@1 - 5, R@1 - 1 of seed_runs), the best steps
     curves = read_text(os.path.join(out, "curves_table.md")).splitlines()
     assert curves[0] == "| Experiment | n | 0 | 100 | 200 | best step |"
@@ -210,7 +261,8 @@ def test_seeds_reached_by_other_paths_or_made_before_a_flag_existed(tmp_path, ca
     _, rows, _ = report(tmp_path, "--aggregate_seeds")
     assert list(rows) == ["resnet18 (groups_order=-)", "resnet18 (groups_order=upstream)"]
     _, rows, markdown = report(tmp_path, "--aggregate_seeds", "--ignore_flags", "groups_order", "grups_order")
-    assert "| resnet18 | 80.0 +- 1.4 (n=2) | 91.0 +- 0.0 (n=2) | 81.0 +- 1.4 (n=2) | 90.0 +- 0.0 (n=2) |" in markdown
+    assert "| resnet18 | native | 80.0 +- 1.4 (n=2) | 91.0 +- 0.0 (n=2) | 81.0 +- 1.4 (n=2) | 90.0 +- 0.0 (n=2) |" \
+           in markdown
     assert "--ignore_flags grups_order: no run has this flag" in capsys.readouterr().err
     # Other datasets or weights stay other experiments
     seed_runs(logs, [60.0], first_minute=40, dataset_folder="/home/me/data/tokyo_xs", pretrained="weights/r18.pth",
@@ -229,6 +281,61 @@ def test_curves_average_the_seeds_at_each_step(tmp_path):
     assert losses[1][1:] == pytest.approx((np.mean([6.0, 5.0]), np.std([6.0, 5.0], ddof=1)))
     assert make_report.curve(metrics[:1], "val_R@1", "step") == [(0, 10.0, None), (100, 75.0, None),
                                                                   (200, 79.0, None)]
+
+
+def test_curves_for_a_paper_each_panel_alone_chosen_runs_and_names(tmp_path, monkeypatch):
+    import matplotlib
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # the legend as text, to be read back
+    logs = tmp_path / "logs"
+    folders = seed_runs(logs, [80.0, 82.0, 84.0])
+    seed_runs(logs, [70.0], first_minute=20, lr=1e-4)
+    # "loss" is the classification loss plus the weighted SSL term: the classification loss comes apart
+    metrics = [make_report.load_run(folder).metrics for folder in folders]
+    classification = make_report.curve(metrics, "classification_loss", "step")
+    assert classification == [(200, pytest.approx(np.mean([6.0 - 1.0, 5.0 - 2.0, 4.0 - 3.0])),
+                               pytest.approx(np.std([5.0, 3.0, 1.0], ddof=1)))]  # only step 200 has an SSL term
+    out, _, _ = report(tmp_path, "--aggregate_seeds", "--panels", "val_R@1", "classification_loss", "--curves_of",
+                       "resnet18 (lr=1e-05)", "--legend", "resnet18 (lr=1e-05)=CosPlace, 3 seeds")
+    assert sorted(os.listdir(os.path.join(out, "curves"))) == [
+        f"{key}.{extension}" for key in ("classification_loss", "val_R@1") for extension in ("pdf", "png", "svg")]
+    svg = read_text(os.path.join(out, "curves", "val_R@1.svg"))
+    assert "CosPlace, 3 seeds" in svg and "lr=0.0001" not in svg and "Validation R@1" in svg
+    latex = read_text(os.path.join(out, "report.tex"))
+    assert r"\input{results_table.tex}" in latex and latex.count(r"\includegraphics") == 2
+    assert r"\includegraphics[width=0.7\linewidth]{curves/classification_loss.pdf}" in latex
+    with pytest.raises(make_report.ReportError, match="--panels recall: no such curve; choose among loss, val_R@1"):
+        report(tmp_path, "--panels", "recall")
+    with pytest.raises(make_report.ReportError, match="--curves_of resnet: no such experiment"):
+        report(tmp_path, "--curves_of", "resnet")
+
+
+def write_top1(folder, top1):
+    """predictions.csv of eval.py from {query: (top-1 database image, right)}, with a rank-2 row each (not a top-1)."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "predictions.csv"), "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["query_index", "query_path", "rank", "database_index", "database_path", "distance_m",
+                         "correct"])
+        for index, (query, (database, right)) in enumerate(top1.items()):
+            writer.writerow([index, query, 1, 0, database, 5.0 if right else 300.0, int(right)])
+            writer.writerow([index, query, 2, 1, "d9", 1.0, 1])
+
+
+def test_recurring_mistakes_over_the_models_of_the_table(tmp_path):
+    logs = tmp_path / "logs"
+    top1s = {"a": {"q1": ("d1", False), "q2": ("d1", False), "q3": ("d2", True)},
+             "b": {"q1": ("d1", False), "q2": ("d3", True), "q3": ("d2", False)}}
+    for minute, (save_dir, top1) in enumerate(top1s.items()):
+        run = write_run(str(logs / save_dir / f"2024-01-01_00-0{minute}-00"), results={
+            **eval_results(None, {"/data/tokyo_xs/test/night": {"R@1": 0.0, "R@5": 0.0}}),
+            "labels": {"/data/tokyo_xs/test/night": "tokyo_xs/test/night"}})
+        write_top1(os.path.join(run, "tokyo_xs_test_night"), top1)
+    out, _, _ = report(tmp_path)
+    failures = read_text(os.path.join(out, "failures.md")).splitlines()
+    assert "## Tokyo-night (tokyo_xs/test/night): 2 models, 3 queries in all of them" in failures
+    table = failures.index("| database image | wrong top-1 of | models |")
+    assert failures[table + 2:table + 4] == ["| d1 | 3 | 2 |", "| d2 | 1 | 1 |"]  # d3 is a right top-1
+    assert "Queries that every model misses: 1 of 3" in failures and "- q1" in failures and "- q2" not in failures
 
 
 def test_without_runs(tmp_path):

@@ -16,7 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 import parser
-from conftest import run_folders, run_script, tiny_training_args
+from conftest import tiny_training_args, train_in_process
 from model import aggregators, backbones
 from model.network import GeoLocalizationNet, build_model
 
@@ -24,7 +24,6 @@ BACKBONE_NAMES = ["resnet18", "vgg16", "timm/efficientnet_b0", "vit_tiny_patch16
 AGGREGATOR_OPTIONS = {"gem": {}, "mixvpr": {"depth": 2, "map_size": 3}, "netvlad": {"clusters": 4},
                       "boq": {"queries": 4, "layers": 2, "out_rows": 2}}
 DIM = 32
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # on a busy machine 2 threads run these tiny convolutions ~10-100x slower
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -310,9 +309,8 @@ def test_timm_model_without_pretrained_weights():
     ("boq", "cosface", ["--boq_queries", "8", "--backbone", "timm/resnet18", "--trainable_stages", "3"]),
 ])
 def test_training_runs(synthetic_dataset, tmp_path, aggregator, loss, extra):
-    run_script("train.py", *tiny_training_args(synthetic_dataset, tmp_path, "--aggregator", aggregator, "--loss", loss,
-                                               "--fc_output_dim", "64", *extra), env=ONE_THREAD)
-    run_folder = run_folders(tmp_path)[-1]
+    run_folder = train_in_process(*tiny_training_args(synthetic_dataset, tmp_path, "--aggregator", aggregator,
+                                                      "--loss", loss, "--fc_output_dim", "64", *extra))
     with open(os.path.join(run_folder, "metrics.jsonl")) as file:
         losses = [json.loads(line)["loss"] for line in file]
     assert losses and all(math.isfinite(value) for value in losses)

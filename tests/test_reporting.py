@@ -22,7 +22,7 @@ import geolocalize
 import make_dataset
 import test
 import visualizations
-from conftest import run_script, tiny_training_args
+from conftest import run_script, tiny_training_args, train_in_process
 from datasets.dataset_utils import DatasetError, find_images, parse_image_name, read_utms
 from datasets.test_dataset import TestDataset as EvaluationSet  # not named Test*: pytest would collect it
 from datasets.train_dataset import get_class_id_and_group_id
@@ -32,10 +32,8 @@ from datasets.train_dataset import get_class_id_and_group_id
 def trained_run(synthetic_dataset, tmp_path_factory):
     """A real training run (one epoch of 3 iterations) with its prediction pictures."""
     tmp = str(tmp_path_factory.mktemp("reporting_run"))
-    run_script("train.py", *tiny_training_args(synthetic_dataset, tmp, "--num_preds_to_save", "2",
-                                               "--save_dir", "tiny"))
-    (folder,) = glob.glob(os.path.join(tmp, "logs", "tiny", "*"))
-    return folder
+    return train_in_process(*tiny_training_args(synthetic_dataset, tmp, "--num_preds_to_save", "2",
+                                                "--save_dir", "tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args
+from checkpoints import is_measurement
+from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args, train_in_process
 from core import files
 
 RUN_FLAGS = ("--epochs_num", "2", "--iterations_per_epoch", "4", "--checkpoint_every", "2", "--image_size", "32",
@@ -50,15 +51,11 @@ def load(folder, name):
     return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)
 
 
-def is_timing(key):
-    return "time" in key
-
-
 def assert_identical(expected, actual, where):
     """Same nested structure, same values, bit for bit; the run's flags and timings may differ."""
     if isinstance(expected, dict):
-        keys = [k for k in expected if k != "args" and not is_timing(str(k))]
-        assert keys == [k for k in actual if k != "args" and not is_timing(str(k))], where
+        keys = [k for k in expected if k != "args" and not is_measurement(str(k))]
+        assert keys == [k for k in actual if k != "args" and not is_measurement(str(k))], where
         for key in keys:
             assert_identical(expected[key], actual[key], f"{where}[{key!r}]")
     elif isinstance(expected, (list, tuple)):
@@ -75,7 +72,7 @@ def assert_identical(expected, actual, where):
 
 def metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as file:
-        return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in file]
+        return [{k: v for k, v in json.loads(line).items() if not is_measurement(k)} for line in file]
 
 
 def assert_same_run(expected_folder, folder):
@@ -91,8 +88,7 @@ def assert_same_run(expected_folder, folder):
 @pytest.fixture(scope="module")
 def uninterrupted_run(synthetic_dataset, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
-    run_script("train.py", *training_args(synthetic_dataset, folder))
-    return run_folders(folder)[-1]
+    return train_in_process(*training_args(synthetic_dataset, folder))
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +105,7 @@ def test_killed_mid_epoch_and_resumed_ends_as_uninterrupted(uninterrupted_run, s
     killed_folder = start_and_kill(args, "Checkpoint saved: epoch 1, iteration 2")
     checkpoint = load(killed_folder, "last_checkpoint.pth")
     assert (checkpoint["epoch_num"], checkpoint["iteration"]) == (1, 2) and len(checkpoint["metrics_history"]) == 4
-    run_script("train.py", *args, "--resume_train", os.path.join(killed_folder, "last_checkpoint.pth"))
-    resumed_folder = run_folders(tmp_path)[-1]
+    resumed_folder = train_in_process(*args, "--resume_train", os.path.join(killed_folder, "last_checkpoint.pth"))
     assert resumed_folder != killed_folder
     assert_same_run(uninterrupted_run, resumed_folder)
 
@@ -119,8 +114,7 @@ def test_killed_with_loader_workers_and_resumed_ends_as_uninterrupted(uninterrup
     args, killed_folder = killed_with_workers
     checkpoint = load(killed_folder, "last_checkpoint.pth")
     assert (checkpoint["epoch_num"], checkpoint["iteration"]) == (0, 2)
-    result = run_script("train.py", *args, "--resume_train", os.path.join(killed_folder, "last_checkpoint.pth"))
-    resumed_folder = result.stdout.split("The outputs are being saved in ")[1].split()[0]
+    resumed_folder = train_in_process(*args, "--resume_train", os.path.join(killed_folder, "last_checkpoint.pth"))
     assert_same_run(uninterrupted_run, resumed_folder)
 
 
@@ -194,4 +188,6 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_a_loadable_one(tmp_path):
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["version"] in (printed[-1], printed[-1] + 1)
         assert torch.equal(checkpoint["data"], torch.full((2_000_000,), float(checkpoint["version"])))
-    assert os.stat(path).st_mode & 0o777 == files.NEW_FILE_MODE  # readable as any file the user writes
+    with open(tmp_path / "written_by_open", "w"):
+        pass
+    assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "written_by_open").st_mode & 0o777  # as any file

@@ -161,6 +161,32 @@ def test_batched_queries_give_the_recalls_of_one_by_one(synthetic_dataset, model
     assert np.array_equal(recalls, test.compute_recalls(exact, dataset.get_positives(), args.recall_values))
 
 
+def test_frozen_cpu_inference_gives_the_eager_descriptors_at_every_size(synthetic_dataset, model, monkeypatch):
+    monkeypatch.setattr(test, "FREEZE_MIN_PIXELS", 0)
+    images = torch.rand(3, 3, 64, 80)
+    frozen = test.inference_forward(model.eval(), "cpu", "none", images, 3)
+    assert isinstance(frozen, test.FrozenForCpu) and frozen.frozen is not None
+    with torch.inference_mode():
+        for size in ((64, 80), (48, 96)):  # the size traced, and another one
+            batch = torch.rand(3, 3, *size)
+            assert torch.allclose(frozen(batch), model(batch), atol=1e-5)
+        assert frozen.frozen is not None and frozen.checked_shapes == {(3, 64, 80), (3, 48, 96)}
+
+
+def test_a_model_whose_trace_keeps_a_size_runs_eagerly(monkeypatch):
+    class SizeKeptAsConstant(torch.nn.Module):  # a trace records the reshape's sizes as numbers
+        def forward(self, x):
+            return x.reshape(x.shape[0], int(x.shape[1] * x.shape[2] * x.shape[3])).cumsum(1)[:, :8] \
+                + torch.arange(x.shape[3] * 0 + 8)
+    model = SizeKeptAsConstant()
+    frozen = test.FrozenForCpu(model, torch.rand(2, 3, 8, 8))
+    with torch.inference_mode():
+        for size in ((8, 8), (8, 16)):
+            batch = torch.rand(2, 3, *size)
+            assert torch.equal(frozen(batch), model(batch))
+    assert frozen.frozen is None  # found out at the second size: eager from there on
+
+
 @pytest.mark.parametrize("kind, options", [("hnsw", {"ef_search": 512}), ("ivfpq", {"nlist": 8, "nprobe": 8,
                                                                                      "pq_m": 32})])
 def test_approximate_indexes_find_the_exact_neighbours_with_enough_probes(kind, options):

@@ -18,7 +18,8 @@ import domain_adaptation
 import optimizers
 import parser
 import ssl_losses
-from conftest import run_folders, run_script, tiny_training_args
+from checkpoints import is_measurement
+from conftest import run_folders, run_script, tiny_training_args, train_in_process
 from datasets.image_loading import load_image_tensor
 from datasets.normalization import normalize
 from datasets.unlabeled_dataset import RandomBatchSampler, UnlabeledDataset, folder_batches
@@ -269,8 +270,7 @@ TRAINING_CASES = {
 def test_training_run(synthetic_dataset, tmp_path, case):
     flags, expected_lrs = TRAINING_CASES[case]
     flags = [flag(synthetic_dataset) if callable(flag) else flag for flag in flags]
-    run_script("train.py", *tiny_training_args(synthetic_dataset, tmp_path, *FAST, *flags))
-    (run_folder,) = run_folders(tmp_path)
+    run_folder = train_in_process(*tiny_training_args(synthetic_dataset, tmp_path, *FAST, *flags))
     metrics = read_metrics(run_folder)
     lrs = [(m["lr"], m["classifiers_lr"]) for m in metrics]
     assert np.allclose(lrs, expected_lrs, rtol=1e-6, atol=0), lrs
@@ -305,14 +305,12 @@ def test_resume_with_new_optimizer_scheduler_and_ssl_is_exact(synthetic_dataset,
     flags = [*FAST, "--optimizer", "sgd", "--scheduler", "step", "--scheduler_step_size", "1",
              "--scheduler_gamma", "0.5", "--ssl_loss", "supcon"]
     uninterrupted_logs, interrupted_logs = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    run_script("train.py", *tiny_training_args(synthetic_dataset, uninterrupted_logs, *flags, "--epochs_num", "2"))
-    run_script("train.py", *tiny_training_args(synthetic_dataset, interrupted_logs, *flags, "--epochs_num", "1"))
-    (first_part,) = run_folders(interrupted_logs)
-    run_script("train.py", *tiny_training_args(synthetic_dataset, interrupted_logs, *flags, "--epochs_num", "2",
-                                               "--resume_train", os.path.join(first_part, "last_checkpoint.pth")))
-    (uninterrupted,) = run_folders(uninterrupted_logs)
-    resumed = run_folders(interrupted_logs)[-1]
-    drop_times = lambda metrics: [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in metrics]
+    uninterrupted = train_in_process(*tiny_training_args(synthetic_dataset, uninterrupted_logs, *flags,
+                                                         "--epochs_num", "2"))
+    first_part = train_in_process(*tiny_training_args(synthetic_dataset, interrupted_logs, *flags, "--epochs_num", "1"))
+    resumed = train_in_process(*tiny_training_args(synthetic_dataset, interrupted_logs, *flags, "--epochs_num", "2",
+                                                   "--resume_train", os.path.join(first_part, "last_checkpoint.pth")))
+    drop_times = lambda metrics: [{k: v for k, v in m.items() if not is_measurement(k)} for m in metrics]
     expected = drop_times(read_metrics(uninterrupted))
     assert drop_times(read_metrics(resumed)) == expected
     assert [m["lr"] for m in expected] == pytest.approx([1e-5, 0.5e-5])

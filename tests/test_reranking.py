@@ -1,0 +1,209 @@
+"""Re-ranking the top-K by local feature matching (reranking.py, test.rerank_test, eval.py --rerank): a constructed
+case it must solve, orders and recalls checked against computations of their own, the local features cache, the
+results file, and the one-line error of a learned matcher whose weights cannot be had."""
+
+import argparse
+import glob
+import json
+import os
+import time
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import parser
+import reranking
+import test
+from conftest import run_script, tiny_training_args, train_in_process
+from datasets.dataset_utils import find_images
+from datasets.test_dataset import TestDataset
+
+
+def texture(seed, size=128):
+    """A picture of 40 random coloured ellipses and rectangles: corners and blobs for SIFT, different per seed."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y = rng.integers(0, size, 2)
+        width, height = rng.integers(6, 30, 2)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([int(x), int(y), int(x + width), int(y + height)], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+def rerank_args(cache=None, k=5, method="sift"):
+    return argparse.Namespace(rerank=method, rerank_k=k, rerank_image_size=128, rerank_keypoints=256,
+                              descriptors_cache=cache and str(cache), recall_values=[1, 5, 10, 20])
+
+
+@pytest.fixture(scope="module")
+def constructed_case(tmp_path_factory):
+    """Database images 0-3 (the query's source at index 1) and the query (index 4): the source rotated by 8 degrees,
+    cropped and scaled up, darker."""
+    folder = tmp_path_factory.mktemp("textures")
+    source = texture(1)
+    query = source.rotate(8, resample=Image.BICUBIC).crop((8, 8, 120, 120)).resize((128, 128), Image.BICUBIC)
+    query = query.point(lambda value: int(value * 0.7))
+    paths = []
+    for name, image in [("unrelated0", texture(2)), ("source", source), ("unrelated1", texture(3)),
+                        ("unrelated2", texture(4)), ("query", query)]:
+        paths.append(str(folder / f"{name}.png"))
+        image.save(paths[-1])
+    return paths
+
+
+def test_sift_moves_the_true_match_from_rank_2_to_rank_1(constructed_case):
+    matcher = reranking.build_matcher("sift", 256)
+    store = test.feature_store(rerank_args(), matcher, constructed_case, "textures")
+    retrieval = np.array([[0, 1, 2, 3]])  # the source at rank 2
+    result = reranking.rerank(matcher, "sift", retrieval, 4, store, store, query_offset=4)
+    assert result.predictions.tolist() == [[1, 0, 2, 3]]  # the source first, the others in their retrieval order
+    inliers = result.inliers[0]
+    assert inliers[1] >= 10 and max(inliers[[0, 2, 3]]) <= 4, inliers  # verified matches only with the source
+    query_points, source_points = result.top1_matches[0]
+    assert len(query_points) == len(source_points) == inliers[1]
+    # The query is the source rotated and cropped: its matched points map back to the source's by that warp
+    size, crop = 128, 8 / 128
+    expected = source_points - 0.5  # source fractions, centred; rotate by +8 degrees (PIL: counter-clockwise)
+    angle = np.deg2rad(8)
+    rotated = np.stack([np.cos(angle) * expected[:, 0] + np.sin(angle) * expected[:, 1],
+                        -np.sin(angle) * expected[:, 0] + np.cos(angle) * expected[:, 1]], axis=1) + 0.5
+    assert np.median(np.abs((rotated - crop) / (1 - 2 * crop) - query_points)) * size < 2  # pixels
+
+
+def test_reranked_order_keeps_the_retrieval_order_of_equal_scores_and_sorts_the_rest():
+    rng = np.random.default_rng(0)
+    predictions = np.stack([rng.permutation(50)[:20] for _ in range(30)])
+    predictions[3, 15:] = -1  # fewer found (an approximate index): they stay last
+    k = 10
+    assert np.array_equal(reranking.reranked_order(predictions, np.zeros((30, k)), k), predictions)
+    scores = rng.integers(0, 4, size=(30, k)).astype(float)  # many ties
+    new = reranking.reranked_order(predictions, scores, k)
+    for row, row_scores, new_row in zip(predictions, scores, new):
+        by_hand = [row[i] for i in sorted(range(k), key=lambda i: (-row_scores[i], i))]
+        assert new_row[:k].tolist() == by_hand and new_row[k:].tolist() == row[k:].tolist()
+    padded = np.array([[7, 8, -1, -1]])
+    assert reranking.reranked_order(padded, np.array([[0, 0, 0, 0]]), 4).tolist() == [[7, 8, -1, -1]]
+
+
+def brute_force_recalls(predictions, positives, recall_values):
+    return [100 * np.mean([len(set(row[:n]) & set(p)) > 0 for row, p in zip(predictions, positives)])
+            for n in recall_values]
+
+
+def test_rerank_test_recalls_scores_and_cache(synthetic_dataset, tmp_path):
+    dataset = TestDataset(os.path.join(synthetic_dataset, "test"))
+    rng = np.random.default_rng(1)  # a retrieval: every database image in a random order
+    predictions = np.stack([rng.permutation(dataset.database_num)[:20] for _ in range(dataset.queries_num)])
+    recall_values = [1, 5, 10, 20]
+    given_recalls = np.array(brute_force_recalls(predictions, dataset.get_positives(), recall_values))
+    args = rerank_args(tmp_path / "cache", k=5)
+    recalls, new, result = test.rerank_test(args, dataset, predictions, given_recalls)
+    assert result.features_computed > 0 and result.retrieval_recalls is given_recalls
+    assert np.array_equal(new, result.predictions) and np.array_equal(new[:, 5:], predictions[:, 5:])
+    assert np.allclose(recalls, brute_force_recalls(new, dataset.get_positives(), recall_values))
+    assert np.allclose(recalls[1:], given_recalls[1:])  # within the top-5 the order changes, not the set
+    # The order is the inlier counts' (ties: retrieval order), and each count is that of its own pair, recomputed
+    for row, counts, new_row in zip(predictions, result.inliers, new):
+        assert new_row[:5].tolist() == [row[i] for i in sorted(range(5), key=lambda i: (-counts[i], i))]
+    matcher = reranking.build_matcher("sift", 256)
+    fresh = test.feature_store(rerank_args(), matcher, dataset.images_paths, "fresh")  # no cache
+    for query_index in (0, 7):
+        query_features = fresh[dataset.database_num + query_index]
+        by_hand = [matcher.verify(query_features, [fresh[d]])[0][0] for d in predictions[query_index, :5]]
+        assert result.inliers[query_index].tolist() == by_hand
+    # Second evaluation: every local feature comes from the cache, with the same result
+    recalls_again, new_again, result_again = test.rerank_test(args, dataset, predictions, given_recalls)
+    assert result_again.features_computed == 0
+    assert np.array_equal(new_again, new) and np.array_equal(result_again.inliers, result.inliers)
+
+
+def test_eval_with_rerank_writes_both_orders_and_the_settings(synthetic_dataset, tmp_path):
+    run_script("eval.py", "--dataset_folder", synthetic_dataset, "--pretrained", "none", "--device", "cpu",
+               "--num_workers", "0", "--rerank", "sift", "--rerank_k", "5", "--rerank_image_size", "96",
+               "--num_preds_to_save", "1", "--logs_root", tmp_path / "logs", "--save_dir", "rerank")
+    (folder,) = os.listdir(tmp_path / "logs" / "rerank")
+    with open(tmp_path / "logs" / "rerank" / folder / "results.json") as file:
+        results = json.load(file)
+    assert {key: results["settings"][key] for key in ("rerank", "rerank_k", "rerank_image_size")} == \
+        {"rerank": "sift", "rerank_k": 5, "rerank_image_size": 96}
+    (key,) = results["test_sets"]
+    recalls = results["test_sets"][key]
+    assert all(recalls[f"R@{n}"] == recalls[f"retrieval_R@{n}"] for n in (5, 10, 20))  # K=5 changes only R@1
+    assert results["rerank_ms_per_query"][key] > 0
+    (preds,) = glob.glob(str(tmp_path / "logs" / "rerank" / folder / "*" / "preds"))
+    assert len(os.listdir(preds)) == 12  # with the verified matches of each top-1
+
+
+def test_geolocalize_reranks_its_predictions(synthetic_dataset, tmp_path):
+    import geolocalize
+    run = train_in_process(*tiny_training_args(synthetic_dataset, tmp_path))
+    database = os.path.join(synthetic_dataset, "test", "database")
+    photo = find_images(database)[5]  # a database image: itself, with the most verified matches, comes first
+    results = geolocalize.main(["--resume_model", os.path.join(run, "last_checkpoint.pth"), "--database_folder",
+                                database, photo, "--top_k", "3", "--rerank", "sift", "--rerank_k", "6",
+                                "--rerank_image_size", "96", "--device", "cpu", "--num_workers", "0",
+                                "--descriptors_cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    top_k = results[0]["top_k"]
+    assert top_k[0]["path"] == photo and len(top_k) == 3
+    counts = [item["verified_matches"] for item in top_k]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[1]
+    with open(tmp_path / "out" / "geolocalize.json") as file:
+        assert json.load(file)["rerank"]["rerank_k"] == 6
+
+
+@pytest.mark.parametrize("name", ["disk_lightglue", "loftr"])
+def test_learned_matchers_run_and_cache_images_of_two_sizes(name, constructed_case, tmp_path, monkeypatch):
+    """Their weights cannot be had offline: with random ones, their code runs end to end (no verified matches to
+    expect), and their cached features (LoFTR's: images) come back for images of two sizes."""
+    import kornia.feature as KF
+    import kornia.feature.lightglue as lightglue_module
+    monkeypatch.setattr(lightglue_module, "load_state_dict_from_url", lambda *args, **kwargs: {})  # no weights
+    builds = {"DISK": KF.DISK, "LightGlue (DISK)": lambda: KF.LightGlueMatcher("disk"),
+              "LoFTR (outdoor)": lambda: KF.LoFTR(pretrained=None)}
+    monkeypatch.setattr(reranking, "pretrained", lambda what, build, rerank_name: builds[what]())
+    reranking.build_matcher.cache_clear()
+    torch.manual_seed(0)
+    matcher = reranking.build_matcher(name, 64)
+    reranking.build_matcher.cache_clear()  # not the random one for the other tests
+    tall = str(tmp_path / "tall.png")
+    Image.open(constructed_case[0]).resize((128, 192)).save(tall)
+    paths = [*constructed_case[1:4], tall, constructed_case[4]]
+    args = rerank_args(tmp_path / "cache", method=name)
+    results = []
+    for _ in range(2):  # computed, then read from the cache
+        store = test.feature_store(args, matcher, paths, "textures")
+        results.append(reranking.rerank(matcher, name, np.array([[0, 1, 2, 3]]), 4, store, store, query_offset=4))
+    assert results[0].features_computed == 5 and results[1].features_computed == 0
+    assert np.array_equal(results[0].inliers, results[1].inliers)
+    assert sorted(results[0].predictions[0].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_unavailable_weights_are_one_line_and_fast(online, tmp_path, monkeypatch):
+    import kornia.feature.loftr.loftr as loftr_module
+
+    def download(*args, **kwargs):
+        raise RuntimeError("Failed to load weights from all 2 source(s).\nLast error: URLError: <urlopen error "
+                           "[Errno -2] Name or service not known>")
+    monkeypatch.setattr(loftr_module, "load_state_dict_from_url", download)
+    monkeypatch.setattr(reranking, "internet_reachable", lambda host: online)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reranking.build_matcher.cache_clear()
+    start = time.perf_counter()
+    with pytest.raises(reranking.WeightsUnavailableError) as error:
+        reranking.build_matcher("loftr", 64)
+    assert time.perf_counter() - start < 10
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("--rerank loftr: ") and "--rerank sift" in message
+    assert str(tmp_path) in message and ("no connection to huggingface.co" in message) != online
+    assert reranking.kornia.core.download._MAX_ATTEMPTS == 3  # kornia's retries restored
+
+
+def test_rerank_flag_is_checked_against_the_registry():
+    with pytest.raises(parser.FlagError, match="--rerank surf is unknown: choose one of none, sift, "):
+        parser.parse_arguments("eval", ["--dataset_folder", "d", "--rerank", "surf"])
