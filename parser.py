@@ -184,13 +184,15 @@ def add_training_flags(parser):
                             "model as initialised), recorded in metrics.jsonl with the iteration and the images "
                             "seen; best_model.pth is the best of all validations (0: only at the end of each epoch)")
     group.add_argument("--checkpoint_every", type=non_negative_int, default=0,
-                       help="also write last_checkpoint.pth every K iterations inside an epoch (0: only at epoch end)")
+                       help="also write last_checkpoint.pth every K iterations, counted over the whole training as "
+                            "--val_every and --log_every (0: only at the end of each epoch)")
     group.add_argument("--keep_last_checkpoint", action=argparse.BooleanOptionalAction, default=True,
                        help="keep last_checkpoint.pth once the training has finished (model, heads and optimizer "
                             "states: 3-4x the model's size); --no-keep_last_checkpoint deletes it at the end, "
                             "best_model.pth stays")
     group.add_argument("--log_every", type=positive_int, default=100,
-                       help="iterations between two reads of the loss (each read waits for the device)")
+                       help="iterations between two reads of the loss, counted over the whole training (each read waits "
+                            "for the device; the first one logs an estimate of the training time left)")
     group.add_argument("--resume_train", type=str, default=None,
                        help="last_checkpoint.pth of a run to continue (model, heads, optimizers, RNG)")
 

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import tarfile
 import zipfile
 
@@ -103,6 +104,17 @@ def test_analyze_dataset_test_only_and_errors(synthetic_dataset, tmp_path):
     assert set(summary["images"]) == {"test/database", "test/queries"} and "classes" not in summary
     with pytest.raises(DatasetError, match="No split found"):
         analyze_dataset.main(["--dataset_folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")])
+
+
+@pytest.mark.parametrize("order_flags, words", [
+    ([], "in CosPlace's order, as they first appear in the sorted file list, --groups_order upstream"),
+    (["--groups_order", "size"], "the largest first, --groups_order size")], ids=["upstream", "size"])
+def test_analyze_dataset_says_the_groups_order(synthetic_dataset, tmp_path, order_flags, words):
+    """The summary names the order of the groups that --groups_num keeps: 'the largest first' only with size."""
+    out = tmp_path / "analysis"
+    analyze_dataset.main(["--dataset_folder", synthetic_dataset, "--out", str(out), "--sample_classes", "1",
+                          "--samples_per_class", "1", "--sample_queries", "1", *order_flags])
+    assert f"- groups with kept classes: 1 ({words}; use --groups_num <= 1)" in (out / "summary.md").read_text()
 
 
 def test_analyze_dataset_real_images(sf_xs_night_mini, tmp_path):
@@ -355,3 +367,16 @@ def test_download_datasets_refuses_bad_archives(synthetic_dataset, tmp_path):
     os.makedirs(os.path.join(out, "tokyo_xs", "test"))
     with pytest.raises(download_datasets.DownloadError, match="exists but is incomplete"):
         download_datasets.main(["--datasets", "tokyo_xs", "--out", out, "--archive", f"tokyo_xs={tokyo_tar}"])
+
+
+@pytest.mark.parametrize("url, host", [("https://example.org/sf_xs.zip", "example.org"),
+                                       ("https://drive.google.com/uc?id=0", "drive.google.com")])
+def test_download_without_dns_blames_the_network(tmp_path, monkeypatch, url, host):
+    """A host that cannot be resolved is reported as such, not as a wrong link (urllib's or gdown's error)."""
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(download_datasets.DownloadError, match=f"^Cannot resolve {host} .*no network") as error:
+        download_datasets.download(url, str(tmp_path / "archive.zip"))
+    assert "\n" not in str(error.value) and "moved" not in str(error.value)
+    assert not os.listdir(tmp_path)

@@ -4,6 +4,7 @@ training runs (each covering several of the new flag values) and a resume that m
 import argparse
 import functools
 import json
+import logging
 import math
 import os
 
@@ -20,6 +21,7 @@ import parser
 import ssl_losses
 from checkpoints import is_measurement
 from conftest import run_folders, run_script, tiny_training_args, train_in_process
+from core.errors import UserError
 from datasets.image_loading import load_image_tensor
 from datasets.normalization import normalize
 from datasets.unlabeled_dataset import RandomBatchSampler, UnlabeledDataset, folder_batches
@@ -106,6 +108,19 @@ def test_dann_trains_the_domain_classifier_and_reverses_its_gradient(synthetic_d
                                                          torch.zeros(4), reduction="sum") / 8, descriptors)[0]
     assert torch.allclose(descriptors.grad, -dann.lambda_ * classifier_gradient, atol=1e-6)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dann.domain_classifier.parameters())
+
+
+def test_dann_logs_its_target_folder_and_refuses_a_missing_one(synthetic_dataset, tmp_path, caplog):
+    """The log shows a wrong or near-empty target folder at once; a missing one is named by its flag."""
+    folder = os.path.join(synthetic_dataset, "test", "queries")
+    caplog.set_level(logging.INFO)
+    domain_adaptation.build_dann(parse("--da_target_folder", folder), normalize, 16, make_target_batches=None)
+    assert f"DANN: target domain {folder} ({len(os.listdir(folder))} images), weight 0.1" in caplog.messages
+    assert len(os.listdir(folder)) == 12  # the fixture's test queries
+    missing = str(tmp_path / "missing")
+    with pytest.raises(UserError, match=f"^--da_target_folder {missing} does not exist: give a folder") as error:
+        domain_adaptation.build_dann(parse("--da_target_folder", missing), normalize, 16, make_target_batches=None)
+    assert "\n" not in str(error.value)
 
 
 def test_target_batches_depend_only_on_the_step():
