@@ -666,10 +666,11 @@ def read_top1(path):
                 for row in csv.DictReader(file) if row["rank"] == "1"}
 
 
-def failures_markdown(groups, columns, top=10):
+def failures_markdown(groups, columns, top=10, out_folder=None):
     """failures.md, the recurring mistakes of the models of the table, per test set: the database images that are
-    the wrong top-1 of the most queries (summed over the models), and the queries that every model misses. None
-    without any predictions.csv."""
+    the wrong top-1 of the most queries (summed over the models), and the queries that every model misses; with
+    out_folder also their picture, failures/<test set>.jpg (night images brightened). None without any
+    predictions.csv."""
     lines = []
     for label, title in columns:
         models = {}  # model name -> its top-1s
@@ -693,6 +694,13 @@ def failures_markdown(groups, columns, top=10):
                   for database, count in wrong.most_common(top)]
         lines += ["", f"Queries that every model misses: {len(missed)} of {len(queries)}", ""]
         lines += [f"- {query}" for query in missed] + [""]
+        if out_folder is not None:
+            import visualizations  # Pillow pictures: only when there are predictions to show
+            picture = os.path.join(out_folder, "failures", f"{label.replace('/', '_')}.jpg")
+            os.makedirs(os.path.dirname(picture), exist_ok=True)
+            if visualizations.save_failure_gallery(wrong.most_common(top), missed[:2 * top], picture,
+                                                   f"{title}: recurring wrong top-1 (red), missed by every model (blue)"):
+                lines += [f"![recurring mistakes of {title}](failures/{os.path.basename(picture)})", ""]
     return "\n".join(["# Recurring mistakes", ""] + lines) if lines else None
 
 
@@ -747,7 +755,7 @@ def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=Fals
             files.atomic_write(os.path.join(out_folder, "curves_table.md"), lambda file: file.write(curves), mode="w")
     files.atomic_write(os.path.join(out_folder, "report.tex"), lambda file: file.write(latex_report(panels)),
                        mode="w")
-    failures = failures_markdown(groups, columns)
+    failures = failures_markdown(groups, columns, out_folder=out_folder)
     if failures:
         files.atomic_write(os.path.join(out_folder, "failures.md"), lambda file: file.write(failures), mode="w")
     return markdown, table

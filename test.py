@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -37,8 +38,10 @@ class FrozenForCpu:
     def __init__(self, model, example):
         self.model = model
         try:
-            self.frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
-                model, example[:1], check_trace=False)))
+            with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.compile, whose CPU
+                warnings.simplefilter("ignore")  # compilation takes minutes: it stays the fast path up to torch 2.14
+                self.frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(
+                    model, example[:1], check_trace=False)))
         except Exception as error:  # noqa: BLE001 (any failure of TorchScript: eager inference is always right)
             logging.debug(f"Inference runs eagerly: the model cannot be frozen with TorchScript ({error})")
             self.frozen = None
@@ -256,13 +259,14 @@ def test(args, dataset, model, return_details=False, database_descriptors=None, 
     return recalls
 
 
-def test_query_sets(args, datasets, model):
+def test_query_sets(args, datasets, model, world_size=1, rank=0):
     """[(dataset, recalls, predictions, descriptors)] of test() on each query set of one test folder (query_sets):
-    the database descriptors are computed once, each row equals an evaluation of its query folder alone."""
+    the database descriptors are computed once, each row equals an evaluation of its query folder alone. With DDP
+    every process calls it and extracts its share (test)."""
     rows, database_descriptors = [], None
     for dataset in datasets:
         logging.info(f"Testing on {dataset}")
-        recalls, predictions, descriptors = test(args, dataset, model, True, database_descriptors)
+        recalls, predictions, descriptors = test(args, dataset, model, True, database_descriptors, world_size, rank)
         database_descriptors = descriptors[:dataset.database_num]
         logging.info(f"{dataset.label}: {recalls_to_str(recalls, args.recall_values)}")
         rows.append((dataset, recalls, predictions, descriptors))

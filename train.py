@@ -270,25 +270,34 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
 def test_best_model(run, model, test_sets, progress):
     """Tests the best validated weights (best_model.pth) on each query set of the test set, or the final weights
     when no validation saved any, and writes test_results.json naming the weights tested; with --rerank the
-    top --rerank_k are re-ranked by local features; prediction pictures with --num_preds_to_save. Returns the
-    path of the weights tested."""
+    top --rerank_k are re-ranked by local features; prediction pictures with --num_preds_to_save. With DDP every
+    process tests the main one's weights and extracts its share of the descriptors; the main one writes. Returns
+    the path of the weights tested."""
     args = run.args
-    tested_path = run.path("best_model.pth")
-    if os.path.exists(tested_path):
-        checkpoints.load_model_weights(model, tested_path)
-    else:
-        tested_path = run.path("last_checkpoint.pth")
-        logging.warning(f"No validation saved best_model.pth (every val R@{args.recall_values[0]} was 0): testing "
-                        f"the final weights, those of {tested_path}")
-    if progress.best_step == 0:
-        logging.warning(f"No validation beat the network as loaded (val R@1 {progress.best_val_recall1:.1f} at step "
-                        "0): best_model.pth holds the initial weights (a pretrained body? see --recipe finetune)")
+
+    def load_tested_weights():  # on the main process, which wrote them
+        path = run.path("best_model.pth")
+        if os.path.exists(path):
+            checkpoints.load_model_weights(model, path)
+        else:
+            path = run.path("last_checkpoint.pth")
+            logging.warning(f"No validation saved best_model.pth (every val R@{args.recall_values[0]} was 0): "
+                            f"testing the final weights, those of {path}")
+        if progress.best_step == 0:
+            logging.warning(f"No validation beat the network as loaded (val R@1 {progress.best_val_recall1:.1f} at "
+                            "step 0): best_model.pth holds the initial weights (a pretrained body? see --recipe "
+                            "finetune)")
+        return path, {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    tested_path, weights = commons.computed_on_main(load_tested_weights, run.world_size, run.is_main)
+    model.load_state_dict(weights)
     if args.adabn_folder:
         domain_adaptation.adapt_batchnorm(model, unlabeled_dataset.UnlabeledDataset(
             args.adabn_folder, args.test_image_size, args.test_resize), args.device, args.infer_batch_size,
             args.num_workers)
     rows = []
-    for test_ds, recalls, predictions, _ in test.test_query_sets(args, test_sets, model):
+    for test_ds, recalls, predictions, _ in test.test_query_sets(args, test_sets, model, run.world_size, run.rank):
+        if not run.is_main:
+            continue
         recalls, predictions, reranking = test.rerank_test(args, test_ds, predictions, recalls)
         rows.append((test_ds, recalls, reranking))
         output_folder = run.output_folder if test_ds is test_sets[0] else \
@@ -297,7 +306,8 @@ def test_best_model(run, model, test_sets, progress):
                                                args.save_only_wrong_preds, title=test.results_title(
                                                    test_ds, tested_path, recalls, args.recall_values),
                                                matches=reranking and reranking.top1_matches)
-    test.save_test_results(run.path("test_results.json"), rows, tested_path, args)
+    if run.is_main:
+        test.save_test_results(run.path("test_results.json"), rows, tested_path, args)
     return tested_path
 
 
@@ -369,8 +379,8 @@ def main(args):
     logging.info(f"Trained for {args.epochs_num:02d} epochs, in total in {time.time() - start_time:.0f} s")
 
     #### Test the best model on the test set
+    tested_path = test_best_model(run, model, test_sets, progress)
     if run.is_main:
-        tested_path = test_best_model(run, model, test_sets, progress)
         if not args.keep_last_checkpoint and tested_path == run.path("last_checkpoint.pth"):
             logging.info(f"Kept {tested_path} despite --no-keep_last_checkpoint: it holds the weights tested")
         elif not args.keep_last_checkpoint:

@@ -25,6 +25,7 @@ GREEN, RED, GREY, BLUE = (0, 180, 0), (220, 0, 0), (90, 90, 90), (0, 90, 230)
 NO_POSITIVE = "no positive in the database"
 THUMBNAILS_FOLDER = "summary_files"  # beside summary.html: the page and its images move together
 THUMBNAIL_SIZE = 256
+DARK_MEAN = 70  # mean 8-bit luminance below which brighten=True shows an image auto-contrasted (night photos)
 CSV_FIELDS = ("query_index", "query_path", "rank", "database_index", "database_path", "distance_m", "correct")
 
 
@@ -36,8 +37,9 @@ def font(size=18):
         return ImageFont.load_default()
 
 
-def tile(path, caption, color, size=TILE_SIZE):
-    """A framed, captioned thumbnail of one image; with path None, an empty one saying there is no positive."""
+def tile(path, caption, color, size=TILE_SIZE, brighten=False):
+    """A framed, captioned thumbnail of one image; with path None, an empty one saying there is no positive. With
+    brighten, a dark image (a night photo) is shown auto-contrasted, its caption marked with '*'."""
     text_font = font(18 if size >= 200 else 14)
     canvas = Image.new("RGB", (size, size + TEXT_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
@@ -48,6 +50,8 @@ def tile(path, caption, color, size=TILE_SIZE):
                             anchor="mm", align="center")
     else:
         image = ImageOps.contain(load_pil_image(path), (size - 2 * FRAME, size - 2 * FRAME))  # small ones scaled up
+        if brighten and np.asarray(image.convert("L")).mean() < DARK_MEAN:
+            image, caption = ImageOps.autocontrast(image, cutoff=1), caption + " *"
         canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     draw.text((FRAME, size + 4), caption, fill=color, font=text_font)
     return canvas
@@ -143,6 +147,20 @@ def matches_image(query_path, database_path, query_points, database_points, capt
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=(255, 210, 0), width=2)
     draw.text((FRAME, height + 4), caption, fill=(0, 0, 0), font=font(18))
     return canvas
+
+
+def save_failure_gallery(wrong_database, missed_queries, path, title, per_row=6):
+    """The picture of a test set's recurring mistakes (make_report.py's failures.md): the database images that are
+    the wrong top-1 of the most queries [(path, count)], framed red, then the queries every model misses, framed
+    blue; dark (night) images brightened. Images that no longer exist are left out."""
+    rows = []
+    for items, color in (([(p, f"wrong #1 of {n}") for p, n in wrong_database], RED),
+                         ([(p, "missed by all") for p in missed_queries], BLUE)):
+        tiles = [tile(p, caption, color, SUMMARY_TILE_SIZE, brighten=True) for p, caption in items if os.path.isfile(p)]
+        rows += [row_image(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+    if rows:
+        stack_rows(rows, title + " (* brightened)").save(path, quality=90)
+    return bool(rows)
 
 
 def save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds=False, matches=None):

@@ -338,6 +338,30 @@ def test_recurring_mistakes_over_the_models_of_the_table(tmp_path):
     assert "Queries that every model misses: 1 of 3" in failures and "- q1" in failures and "- q2" not in failures
 
 
+def test_recurring_mistakes_are_pictured_with_night_images_brightened(tmp_path):
+    from PIL import Image
+    import visualizations
+    images = {}
+    for name, level in (("d1", 150), ("q1", 20)):  # q1: a night query, dark but with some contrast
+        pixels = np.full((64, 64, 3), level, dtype=np.uint8)
+        pixels[:, 32:] = level + 12
+        images[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(pixels).save(images[name])
+    for minute, save_dir in enumerate(("a", "b")):
+        run = write_run(str(tmp_path / "logs" / save_dir / f"2024-01-01_00-0{minute}-00"), results={
+            **eval_results(None, {"/data/tokyo_xs/test/night": {"R@1": 0.0, "R@5": 0.0}}),
+            "labels": {"/data/tokyo_xs/test/night": "tokyo_xs/test/night"}})
+        write_top1(os.path.join(run, "tokyo_xs_test_night"), {images["q1"]: (images["d1"], False)})
+    out, _, _ = report(tmp_path)
+    assert "![recurring mistakes of Tokyo-night](failures/tokyo_xs_test_night.jpg)" in read_text(
+        os.path.join(out, "failures.md"))
+    gallery = Image.open(os.path.join(out, "failures", "tokyo_xs_test_night.jpg"))
+    assert gallery.height > 2 * visualizations.SUMMARY_TILE_SIZE  # a row of wrong top-1s, a row of missed queries
+    for path, expected in ((images["d1"], (150, 162)), (images["q1"], (100, 255))):  # only the dark one brightened
+        shown = np.asarray(visualizations.tile(path, "", visualizations.BLUE, 160, brighten=True).convert("L"))
+        assert expected[0] <= shown[40:120, 40:120].mean() <= expected[1]
+
+
 def test_without_runs(tmp_path):
     with pytest.raises(make_report.ReportError, match="no such folder"):
         make_report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "r")])

@@ -139,6 +139,22 @@ def test_eval_with_rerank_writes_both_orders_and_the_settings(synthetic_dataset,
     assert len(os.listdir(preds)) == 12  # with the verified matches of each top-1
 
 
+def test_training_reranks_its_final_test_like_eval(synthetic_dataset, tmp_path):
+    """train.py's final test with --rerank records both orders, and equals eval.py's re-ranking of the same weights."""
+    rerank = ["--rerank", "sift", "--rerank_k", "5", "--rerank_image_size", "96"]
+    run = train_in_process(*tiny_training_args(synthetic_dataset, tmp_path, *rerank))
+    with open(os.path.join(run, "test_results.json")) as file:
+        tested = json.load(file)
+    assert tested["settings"]["rerank"] == "sift" and tested["rerank_ms_per_query"] > 0
+    assert all(tested[f"R@{n}"] == tested[f"retrieval_R@{n}"] for n in (5, 10, 20))
+    import eval as eval_script
+    results = eval_script.main(["--resume_model", tested["model"], "--test_set_folder", tested["dataset"],
+                                "--pretrained", "none", "--device", "cpu", "--num_workers", "0", "--logs_root",
+                                str(tmp_path / "eval_logs"), *rerank])
+    assert results["test_sets"][tested["dataset"]] == {key: value for key, value in tested.items()
+                                                       if key.startswith(("R@", "retrieval_R@"))}
+
+
 def test_geolocalize_reranks_its_predictions(synthetic_dataset, tmp_path):
     import geolocalize
     run = train_in_process(*tiny_training_args(synthetic_dataset, tmp_path))
