@@ -253,6 +253,9 @@ def computed_on_main(compute, world_size=1, is_main=True):
     return result[0]
 
 
+GATHER_CHUNK_ROWS = 65536  # rows of every process gathered at a time: 128 MB a process at 512-D
+
+
 def shard(indices, world_size=1, rank=0):
     """This process's contiguous part of indices (a range or a list): equal parts, the first ranks taking one more
     when world_size does not divide their number."""
@@ -261,27 +264,33 @@ def shard(indices, world_size=1, rank=0):
     return indices[start: start + size + (rank < extra)]
 
 
-def all_gather_rows(rows, values, world_size, device="cpu"):
-    """(rows, values) of every DDP process concatenated in rank order: each gives the row numbers it computed
-    (int64 [n]) and their values (float32 [n, D], None when n is 0), every process gets all of them. Tensors are
-    padded to the longest part (all_gather needs equal sizes) and sent on device (NCCL needs the GPU)."""
+def all_gather_rows(values, rows, total, world_size, device="cpu", chunk_rows=GATHER_CHUNK_ROWS):
+    """The array [total, D] whose rows every DDP process computed a part of: each gives its row numbers (int64 [n])
+    and an array holding them at those rows (values, None when n is 0), every process gets all of them. Gathered
+    chunk_rows at a time into the array returned, so that the transient buffers hold world_size x chunk_rows rows,
+    not the whole database again (a million 512-D descriptors are 2 GB); each part is padded to the longest one
+    (all_gather needs equal sizes) and sent on device (NCCL needs the GPU)."""
     import torch.distributed as dist
     shape = torch.tensor([len(rows), 0 if values is None else values.shape[1]], device=device)
     shapes = [torch.zeros_like(shape) for _ in range(world_size)]
     dist.all_gather(shapes, shape)
-    longest, dimension = max(int(s[0]) for s in shapes), max(int(s[1]) for s in shapes)
-    padded_rows = torch.zeros(longest, dtype=torch.int64, device=device)
-    padded_values = torch.zeros(longest, dimension, dtype=torch.float32, device=device)
-    padded_rows[:len(rows)] = torch.as_tensor(rows, dtype=torch.int64)
-    if len(rows):
-        padded_values[:len(rows)] = torch.as_tensor(values)
-    gathered_rows = [torch.empty_like(padded_rows) for _ in range(world_size)]
-    gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
-    dist.all_gather(gathered_rows, padded_rows)
-    dist.all_gather(gathered_values, padded_values)
-    counts = [int(s[0]) for s in shapes]
-    return (torch.cat([r[:n] for r, n in zip(gathered_rows, counts)]).cpu().numpy(),
-            torch.cat([v[:n] for v, n in zip(gathered_values, counts)]).cpu().numpy())
+    counts, dimension = [int(s[0]) for s in shapes], max(int(s[1]) for s in shapes)
+    gathered = np.empty((total, dimension), dtype=np.float32)
+    for start in range(0, max(counts), chunk_rows):
+        part = rows[start:start + chunk_rows]
+        padded_rows = torch.full((chunk_rows,), -1, dtype=torch.int64, device=device)
+        padded_values = torch.zeros(chunk_rows, dimension, dtype=torch.float32, device=device)
+        padded_rows[:len(part)] = torch.as_tensor(part, dtype=torch.int64)
+        if len(part):
+            padded_values[:len(part)] = torch.as_tensor(values[part])
+        gathered_rows = [torch.empty_like(padded_rows) for _ in range(world_size)]
+        gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
+        dist.all_gather(gathered_rows, padded_rows)
+        dist.all_gather(gathered_values, padded_values)
+        for rank_rows, rank_values in zip(gathered_rows, gathered_values):
+            kept = rank_rows >= 0
+            gathered[rank_rows[kept].cpu().numpy()] = rank_values[kept].cpu().numpy()
+    return gathered
 
 
 def mean_over_processes(records, world_size=1, device="cpu"):

@@ -96,10 +96,7 @@ def compute_descriptors(model, dataset, device, batch_size=16, num_workers=0, am
             computed.append(batch_indices.numpy())
     if world_size > 1:
         rows = np.concatenate(computed) if computed else np.empty(0, dtype=np.int64)
-        rows, values = commons.all_gather_rows(rows, None if descriptors is None else descriptors[rows], world_size,
-                                               device)
-        descriptors = np.empty((len(dataset), values.shape[1]), dtype=np.float32)
-        descriptors[rows] = values
+        descriptors = commons.all_gather_rows(descriptors, rows, len(dataset), world_size, device)
     return descriptors
 
 
