@@ -80,7 +80,7 @@ def evaluate(args):
     for folder in args.test_set_folder:
         test_sets = query_sets(args, folder, make_image_check(args, test_set=True))
         for test_ds, recalls, predictions, descriptors in test.test_query_sets(args, test_sets, model):
-            test_set_output_folder = os.path.join(output_folder, test_ds.label.replace("/", "_"))
+            test_set_output_folder = os.path.join(output_folder, files.label_folder(test_ds.label))
             if args.save_descriptors:
                 save_descriptors(test_ds, descriptors, predictions, test_set_output_folder)
             recalls, predictions, reranking = test.rerank_test(args, test_ds, predictions, recalls)

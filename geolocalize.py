@@ -172,7 +172,8 @@ def geolocalize(args):
                                                                                  cached=False),
             test.feature_store(args, matcher, database_paths, database.dataset_name))
         logging.info(f"Re-ranked by {args.rerank}@{args.rerank_k}: {reranking_result.ms_per_query:.0f} ms per photo")
-        verified = [dict(zip(row[:args.rerank_k], counts)) for row, counts in zip(predictions, reranking_result.inliers)]
+        verified = [dict(zip(row[:args.rerank_k], counts))
+                    for row, counts in zip(predictions, reranking_result.inliers)]
         predictions, top1_matches = reranking_result.predictions, reranking_result.top1_matches
     predictions = predictions[:, :args.top_k]
     os.makedirs(args.out, exist_ok=True)

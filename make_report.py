@@ -285,8 +285,9 @@ def results_cells(results, source):
     folders: 'tokyo_xs/test/night'), or a test_results.json of train.py ('dataset' and the recalls of its usual query
     folder, those of the others under 'other_query_sets', keyed by label)."""
     if "test_sets" not in results:
+        others = results.get("other_query_sets", {})
         return {files.test_set_label(results["dataset"]): (recalls_of(results), source),
-                **{label: (recalls_of(record), source) for label, record in results.get("other_query_sets", {}).items()}}
+                **{label: (recalls_of(record), source) for label, record in others.items()}}
     labels = results.get("labels", {})  # absent before query folders: each key is then a test folder
     return {labels.get(key) or files.test_set_label(key): (recalls, source)
             for key, recalls in results["test_sets"].items()}
@@ -653,7 +654,7 @@ def predictions_file(label, source):
     """The predictions.csv of a test set's result: eval.py writes it in a folder named after the test set's label
     beside results.json, train.py beside test_results.json. None when it is missing (older or deleted runs)."""
     folder = os.path.dirname(source)
-    candidates = [os.path.join(folder, label.replace("/", "_"), "predictions.csv")]
+    candidates = [os.path.join(folder, files.label_folder(label), "predictions.csv")]
     if os.path.basename(source) == "test_results.json":
         candidates.append(os.path.join(folder, "predictions.csv"))
     return next((path for path in candidates if os.path.isfile(path)), None)
@@ -696,10 +697,9 @@ def failures_markdown(groups, columns, top=10, out_folder=None):
         lines += [f"- {query}" for query in missed] + [""]
         if out_folder is not None:
             import visualizations  # Pillow pictures: only when there are predictions to show
-            picture = os.path.join(out_folder, "failures", f"{label.replace('/', '_')}.jpg")
-            os.makedirs(os.path.dirname(picture), exist_ok=True)
-            if visualizations.save_failure_gallery(wrong.most_common(top), missed[:2 * top], picture,
-                                                   f"{title}: recurring wrong top-1 (red), missed by every model (blue)"):
+            picture = os.path.join(out_folder, "failures", f"{files.label_folder(label)}.jpg")
+            caption = f"{title}: recurring wrong top-1 (red), missed by every model (blue)"
+            if visualizations.save_failure_gallery(wrong.most_common(top), missed[:2 * top], picture, caption):
                 lines += [f"![recurring mistakes of {title}](failures/{os.path.basename(picture)})", ""]
     return "\n".join(["# Recurring mistakes", ""] + lines) if lines else None
 

@@ -191,8 +191,8 @@ def add_training_flags(parser):
                             "states: 3-4x the model's size); --no-keep_last_checkpoint deletes it at the end, "
                             "best_model.pth stays")
     group.add_argument("--log_every", type=positive_int, default=100,
-                       help="iterations between two reads of the loss, counted over the whole training (each read waits "
-                            "for the device; the first one logs an estimate of the training time left)")
+                       help="iterations between two reads of the loss, counted over the whole training (each read "
+                            "waits for the device; the first one logs an estimate of the training time left)")
     group.add_argument("--resume_train", type=str, default=None,
                        help="last_checkpoint.pth of a run to continue (model, heads, optimizers, RNG)")
 

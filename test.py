@@ -271,9 +271,10 @@ def test_query_sets(args, datasets, model, world_size=1, rank=0):
 
 
 class FeatureStore:
-    """The local features (reranking.Matcher.features) of the images of an ImageListDataset (items: uint8 image, index; already resized to the
-    size the matcher sees), each computed at most once, when first asked for; with cache_path, read from and added
-    to that file (an .npz of every field's arrays concatenated, with each image's row counts)."""
+    """The local features (reranking.Matcher.features) of the images of an ImageListDataset (items: uint8 image,
+    index; already resized to the size the matcher sees), each computed at most once, when first asked for; with
+    cache_path, read from and added to that file (an .npz of every field's arrays concatenated, with each image's
+    row counts)."""
 
     def __init__(self, matcher, images, cache_path=None):
         self.matcher, self.images, self.cache_path = matcher, images, cache_path
@@ -292,7 +293,8 @@ class FeatureStore:
                 return {int(index): {field: arrays[field][offsets[field][i]: offsets[field][i + 1]]
                                      for field in fields} for i, index in enumerate(stored["indices"])}
         except (OSError, ValueError, KeyError, EOFError) as error:
-            logging.warning(f"The local features cache {self.cache_path} cannot be read ({error}): computing them again")
+            logging.warning(f"The local features cache {self.cache_path} cannot be read ({error}): computing them "
+                            f"again")
             return {}
 
     def write_cache(self):

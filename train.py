@@ -155,7 +155,7 @@ def training_state(args, model, groups, train_augmentation, rank):
                                      auxiliary_optimizers, schedulers, scaler)
 
 
-def read_losses(run, pending_losses, progress, progress_bar, steps_done):
+def read_losses(run, pending_losses, progress, progress_bar):
     """Reads the pending losses into the epoch's, averaged over the DDP processes (a non-finite loss on any of them
     stops every one with the same message); shows the loss."""
     read = commons.mean_over_processes(pending_losses.read(), run.world_size, run.args.device)
@@ -250,14 +250,14 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
         progress.iteration = iteration + 1
         steps_done, epoch_ends = step + 1, iteration + 1 == args.iterations_per_epoch
         if steps_done % args.log_every == 0 or epoch_ends:
-            read_losses(run, pending_losses, progress, progress_bar, steps_done)
+            read_losses(run, pending_losses, progress, progress_bar)
             if not run.time_estimated:
                 log_time_estimate(run, steps_done)
         if args.val_every and steps_done % args.val_every == 0 and not epoch_ends:
-            read_losses(run, pending_losses, progress, progress_bar, steps_done)
+            read_losses(run, pending_losses, progress, progress_bar)
             validate(run, state, val_ds, progress)
         if args.checkpoint_every and steps_done % args.checkpoint_every == 0 and not epoch_ends:
-            read_losses(run, pending_losses, progress, progress_bar, steps_done)
+            read_losses(run, pending_losses, progress, progress_bar)
             checkpoints.save_training_checkpoint(run.path("last_checkpoint.pth"), state, progress, args,
                                                  run.world_size, run.is_main)
     if run.world_size > 1:
@@ -301,7 +301,7 @@ def test_best_model(run, model, test_sets, progress):
         recalls, predictions, reranking = test.rerank_test(args, test_ds, predictions, recalls)
         rows.append((test_ds, recalls, reranking))
         output_folder = run.output_folder if test_ds is test_sets[0] else \
-            run.path(test_ds.label.replace("/", "_"))  # the first query set's pictures where they always were
+            run.path(files.label_folder(test_ds.label))  # the first query set's pictures where they always were
         visualizations.save_predictions_report(predictions, test_ds, output_folder, args.num_preds_to_save,
                                                args.save_only_wrong_preds, title=test.results_title(
                                                    test_ds, tested_path, recalls, args.recall_values),

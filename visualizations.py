@@ -159,6 +159,7 @@ def save_failure_gallery(wrong_database, missed_queries, path, title, per_row=6)
         tiles = [tile(p, caption, color, SUMMARY_TILE_SIZE, brighten=True) for p, caption in items if os.path.isfile(p)]
         rows += [row_image(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
     if rows:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         stack_rows(rows, title + " (* brightened)").save(path, quality=90)
     return bool(rows)
 

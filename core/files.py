@@ -177,3 +177,9 @@ def git_commit():
 def test_set_label(folder):
     """'sf_xs/val' for .../sf_xs/val: a test set's dataset and split, unique where its basename is not."""
     return "/".join(os.path.normpath(os.path.abspath(folder)).split(os.sep)[-2:])
+
+
+def label_folder(label):
+    """'tokyo_xs_test_night' for the label 'tokyo_xs/test/night': the folder of a query set's predictions in a run
+    (eval.py, train.py; make_report.py looks for them there)."""
+    return label.replace("/", "_")
