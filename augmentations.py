@@ -2,7 +2,7 @@
 resized crops written here for speed, kornia for the others).
 
 `--augmentations` takes a list of `name` or `name:strength`; AUGMENTATIONS maps each name to a constructor
-(strength or None, args) -> nn.Module working on float images in [0, 1]. The defaults reproduce CosPlace:
+(strength or None, AugmentationDefaults) -> nn.Module working on float images in [0, 1]. The defaults reproduce CosPlace:
 ColorJitter(0.7, 0.7, 0.7, 0.5) then RandomResizedCrop(image_size, scale=(0.5, 1)). The other augmentations'
 defaults follow torchvision's. Random parameters come from torch's global RNG: a fixed seed reproduces them.
 
@@ -11,6 +11,7 @@ Preview (a row per augmentation of the list, then the whole chain): python previ
 """
 
 import math
+from dataclasses import dataclass
 
 import kornia.augmentation as K
 import torch
@@ -22,6 +23,18 @@ from datasets.normalization import normalize
 
 class AugmentationError(UserError, ValueError):
     """An augmentation name or strength that does not exist."""
+
+
+@dataclass(frozen=True)
+class AugmentationDefaults:
+    """What the augmentations take besides their strength: the training image size and the flags of CosPlace's
+    colour jitter and crop (--brightness ... --random_resized_crop), whose defaults these are."""
+    image_size: int = 512
+    brightness: float = 0.7
+    contrast: float = 0.7
+    saturation: float = 0.7
+    hue: float = 0.5
+    random_resized_crop: float = 0.5
 
 
 def checked_strength(name, strength, default, low, high):
@@ -111,11 +124,11 @@ class ColorJitter(nn.Module):
         return "brightness={}, contrast={}, saturation={}, hue={}".format(*self.strengths)
 
 
-def color_jitter(strength, args):
+def color_jitter(strength, defaults):
     """Brightness/contrast/saturation/hue from their flags, all scaled by strength (default 1)."""
     scale = 1.0 if strength is None else strength
-    return ColorJitter(args.brightness * scale, args.contrast * scale, args.saturation * scale,
-                       min(0.5, args.hue * scale))
+    return ColorJitter(defaults.brightness * scale, defaults.contrast * scale, defaults.saturation * scale,
+                       min(0.5, defaults.hue * scale))
 
 
 class RandomResizedCrop(nn.Module):
@@ -181,36 +194,36 @@ class RandomResizedCrop(nn.Module):
         return f"size={self.size}, scale={self.scale}, ratio={self.ratio}"
 
 
-def random_resized_crop(strength, args):
+def random_resized_crop(strength, defaults):
     """Crops between (1 - strength) and all of the image area, resized back to --image_size."""
-    strength = args.random_resized_crop if strength is None else strength
-    return RandomResizedCrop(args.image_size, scale=(1 - strength, 1.0))
+    strength = defaults.random_resized_crop if strength is None else strength
+    return RandomResizedCrop(defaults.image_size, scale=(1 - strength, 1.0))
 
 
-def random_perspective(strength, args):
+def random_perspective(strength, defaults):
     """Half of the images seen from another viewpoint: corners moved by up to strength (default 0.5) of
     half the image side."""
     return K.RandomPerspective(checked_strength("random_perspective", strength, 0.5, 0, 1), p=0.5)
 
 
-def random_erasing(strength, args):
+def random_erasing(strength, defaults):
     """Half of the images get a black rectangle of 2% to strength (default 0.33) of their area, as an
     occluding car or pedestrian."""
     return K.RandomErasing(scale=(0.02, checked_strength("random_erasing", strength, 0.33, 0.02, 1)), p=0.5)
 
 
-def gaussian_blur(strength, args):
+def gaussian_blur(strength, defaults):
     """Gaussian blur of sigma between 0.1 and strength (default 2) pixels, as motion or focus blur."""
-    max_sigma = checked_strength("gaussian_blur", strength, 2.0, 0.1, args.image_size / 8)
+    max_sigma = checked_strength("gaussian_blur", strength, 2.0, 0.1, defaults.image_size / 8)
     return K.RandomGaussianBlur(2 * math.ceil(3 * max_sigma) + 1, sigma=(0.1, max_sigma), p=1.0)
 
 
-def grayscale(strength, args):
+def grayscale(strength, defaults):
     """Converts an image to grayscale with probability strength (default 0.2)."""
     return K.RandomGrayscale(p=checked_strength("grayscale", strength, 0.2, 0, 1))
 
 
-def horizontal_flip(strength, args):
+def horizontal_flip(strength, defaults):
     """Mirrors an image with probability strength (default 0.5)."""
     return K.RandomHorizontalFlip(p=checked_strength("horizontal_flip", strength, 0.5, 0, 1))
 
@@ -240,7 +253,7 @@ class NightSimulation(nn.Module):
         return f"{type(self).__name__}(strength={self.strength})"
 
 
-def night(strength, args):
+def night(strength, defaults):
     """Night simulation (see NightSimulation) of strength in [0, 1] (default 1)."""
     return NightSimulation(checked_strength("night", strength, 1.0, 0, 1))
 
@@ -269,11 +282,11 @@ def parse_augmentation(spec, flag="augmentations"):
         raise AugmentationError(f"--{flag} {spec}: the strength after ':' must be a number") from None
 
 
-def check_augmentation_specs(args, flag="augmentations"):
+def check_augmentation_specs(specs, defaults, flag="augmentations"):
     """Builds the augmentations of --flag once, so that a wrong name or strength stops the run before it starts."""
-    for spec in getattr(args, flag):
+    for spec in specs:
         name, strength = parse_augmentation(spec, flag)
-        AUGMENTATIONS[name](strength, args)
+        AUGMENTATIONS[name](strength, defaults)
 
 
 CPU_CHUNK_PIXELS = 2 ** 18  # one 512 px image, 16 of 128 px: see TrainAugmentation.in_chunks
@@ -282,9 +295,9 @@ CPU_CHUNK_PIXELS = 2 ** 18  # one 512 px image, 16 of 128 px: see TrainAugmentat
 class TrainAugmentation(nn.Module):
     """uint8 batch -> augmented, ImageNet-normalised float batch, on whatever device the batch is on."""
 
-    def __init__(self, specs, args):
+    def __init__(self, specs, defaults=AugmentationDefaults()):
         super().__init__()
-        self.augmentations = nn.Sequential(*[AUGMENTATIONS[name](strength, args)
+        self.augmentations = nn.Sequential(*[AUGMENTATIONS[name](strength, defaults)
                                              for name, strength in map(parse_augmentation, specs)])
 
     def augment_chunk(self, images):

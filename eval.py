@@ -40,18 +40,20 @@ def evaluate(args):
     """Evaluates the model of args on every --test_set_folder; returns the content of results.json."""
     import logging  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
 
-    import checkpoints
     import commons
-    import domain_adaptation
-    import reranking
     import test
     import visualizations
+    from core import devices
     from datasets.image_check import make_image_check
     from datasets.test_dataset import query_sets
     from datasets.unlabeled_dataset import UnlabeledDataset
+    from evaluation import results as records
     from model import network
+    from reranking import matchers
+    from reranking.stage import rerank_test
+    from training import checkpoints, domain_adaptation
 
-    args.device = commons.resolve_device(args.device)
+    args.device = devices.resolve_device(args.device)
     output_folder = files.make_output_folder(args.save_dir, args.logs_root)
     commons.setup_logging(output_folder, console="info")
     files.atomic_json_dump({**vars(args), "git_commit": files.git_commit(), "command": " ".join(sys.argv)},
@@ -59,9 +61,10 @@ def evaluate(args):
     commons.log_arguments(args, output_folder)
     commons.make_deterministic(args.seed)  # without --resume_model, the same initialisation as train.py's
     commons.reuse_freed_memory()
-    if args.rerank != "none":  # a matcher without its weights fails now, not after the descriptors
-        reranking.build_matcher(args.rerank, args.rerank_keypoints)
-    model = network.build_model(args)
+    inference, index, rerank = parser.inference_settings(args), parser.index_settings(args), parser.rerank_settings(args)
+    if rerank:  # a matcher without its weights fails now, not after the descriptors
+        matchers.build_matcher(rerank.name, rerank.keypoints)
+    model = network.GeoLocalizationNet(**parser.model_options(args))
     if args.resume_model is not None:
         logging.info(f"Loading model from {args.resume_model}")
         checkpoints.load_model_weights(model, args.resume_model)
@@ -72,29 +75,32 @@ def evaluate(args):
         domain_adaptation.adapt_batchnorm(model, UnlabeledDataset(args.adabn_folder, args.test_image_size,
                                                                   args.test_resize),
                                           args.device, args.infer_batch_size, args.num_workers)
+    settings = records.evaluation_settings(index, args.eval_amp, args.test_image_size, args.test_resize,
+                                           args.positive_dist_threshold, args.adabn_folder, rerank)
     results = {"model": args.resume_model and os.path.abspath(args.resume_model),
                "model_sha256": args.resume_model and files.sha256_of(args.resume_model),
-               "git_commit": files.git_commit(), "settings": test.evaluation_settings(args), "test_sets": {},
-               "labels": {}}
+               "git_commit": files.git_commit(), "settings": settings, "test_sets": {}, "labels": {}}
+    image_check = make_image_check(args.check_images, args.on_bad_image, args.num_workers, test_set=True)
     rows = []
     for folder in args.test_set_folder:
-        test_sets = query_sets(args, folder, make_image_check(args, test_set=True))
-        for test_ds, recalls, predictions, descriptors in test.test_query_sets(args, test_sets, model):
+        test_sets = query_sets(folder, args.query_folders, image_check, **parser.test_dataset_options(args))
+        for test_ds, tested in test.test_query_sets(test_sets, model, inference, index, args.recall_values):
             test_set_output_folder = os.path.join(output_folder, files.label_folder(test_ds.label))
             if args.save_descriptors:
-                save_descriptors(test_ds, descriptors, predictions, test_set_output_folder)
-            recalls, predictions, reranking = test.rerank_test(args, test_ds, predictions, recalls)
+                save_descriptors(test_ds, tested.descriptors, tested.predictions, test_set_output_folder)
+            recalls, predictions, reranked = rerank_test(rerank, test_ds, tested.predictions, tested.recalls,
+                                                         args.recall_values, args.descriptors_cache)
             rows.append((test_ds.label, recalls))
             # keyed by the query folder's path, but for the usual one (queries/): the test folder, as before
             key = folder if test_ds.label == files.test_set_label(folder) else test_ds.queries_folder
-            results["test_sets"][key] = test.recalls_record(recalls, args.recall_values, reranking)
-            if reranking is not None:  # apart from the recalls: a rerun takes another time, not another result
-                results.setdefault("rerank_ms_per_query", {})[key] = reranking.ms_per_query
+            results["test_sets"][key] = records.recalls_record(recalls, args.recall_values, reranked)
+            if reranked is not None:  # apart from the recalls: a rerun takes another time, not another result
+                results.setdefault("rerank_ms_per_query", {})[key] = reranked.ms_per_query
             results["labels"][key] = test_ds.label
             visualizations.save_predictions_report(
                 predictions, test_ds, test_set_output_folder, args.num_preds_to_save, args.save_only_wrong_preds,
-                title=test.results_title(test_ds, args.resume_model, recalls, args.recall_values),
-                matches=reranking and reranking.top1_matches)
+                title=records.results_title(test_ds, args.resume_model, recalls, args.recall_values),
+                matches=reranked and reranked.top1_matches)
     logging.info("\n" + results_table(rows, args.recall_values))
     files.atomic_json_dump(results, os.path.join(output_folder, "results.json"))
     return results

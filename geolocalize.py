@@ -9,9 +9,9 @@ phone photos are slow on a CPU), --infer_batch_size, --device, --eval_amp, --fai
 images must be named in the '@' format (UTM in fields 1/2; latitude/longitude in fields 5/6, or UTM zone/letter in
 fields 3/4). The database descriptors are computed once and cached in --descriptors_cache (here 'cache' by default),
 keyed by the model's weights, the database files (names, sizes, modification times) and the flags that change
-descriptors (test.dataset_descriptors).
+descriptors (evaluation/descriptors.py).
 
-With --rerank sift (or a learned matcher of reranking.MATCHERS), the first --rerank_k database images found for each
+With --rerank sift (or a learned matcher of matchers.MATCHERS), the first --rerank_k database images found for each
 photo are re-ranked by their number of local feature matches with it that a RANSAC homography verifies (the database
 images' local features are cached in --descriptors_cache too); each top-k image then carries its count, and the
 picture shows the verified matches of the top-1.
@@ -141,38 +141,38 @@ def report(result):
 
 def geolocalize(args):
     """Returns one result per photo (see geolocalize_photo) and writes the pictures and geolocalize.json."""
-    import checkpoints  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
-    import faiss_indexes
-    import reranking
-    import test
-    from datasets.dataset_utils import find_images, read_utms
+    from datasets.dataset_utils import find_images, read_utms  # the heavy imports come after parsing
     from datasets.image_loading import ImageListDataset
+    from evaluation import faiss_indexes
+    from evaluation.descriptors import compute_descriptors, dataset_descriptors
     from model import network
+    from reranking import matchers
+    from reranking.features import feature_store
+    from training import checkpoints
     database_paths, database_utms, _ = read_utms(find_images(args.database_folder), args.on_bad_name)
-    model = network.build_model(args)
+    model = network.GeoLocalizationNet(**parser.model_options(args))
     checkpoints.load_model_weights(model, args.resume_model)
     model = model.to(args.device)
+    inference, rerank = parser.inference_settings(args), parser.rerank_settings(args)
     database = ImageListDataset(database_paths, args.test_image_size, args.decode_on_gpu,
                                 name=os.path.basename(os.path.normpath(args.database_folder)),
                                 test_resize=args.test_resize)
-    descriptors = test.dataset_descriptors(args, database, model)
+    descriptors = dataset_descriptors(database, model, inference)
     photos = ImageListDataset(args.photos, args.test_image_size, args.decode_on_gpu, name="photos",
                               test_resize=args.test_resize)
-    photos_descriptors = test.compute_descriptors(model, photos, args.device, args.infer_batch_size, args.num_workers,
-                                                  args.eval_amp, args.channels_last, description="photos descriptors")
-    reranked = args.rerank != "none"
+    photos_descriptors = compute_descriptors(model, photos, args.device, args.infer_batch_size, args.num_workers,
+                                             args.eval_amp, args.channels_last, description="photos descriptors")
     predictions = faiss_indexes.knn_search(descriptors, photos_descriptors,
-                                           max(args.top_k, args.rerank_k) if reranked else args.top_k,
-                                           **faiss_indexes.index_options(args))
+                                           max(args.top_k, rerank.k) if rerank else args.top_k,
+                                           **parser.index_settings(args).options())
     verified, top1_matches = [None] * len(args.photos), [None] * len(args.photos)
-    if reranked:
-        matcher = reranking.build_matcher(args.rerank, args.rerank_keypoints)
-        reranking_result = reranking.rerank(
-            matcher, args.rerank, predictions, args.rerank_k, test.feature_store(args, matcher, args.photos, "photos",
-                                                                                 cached=False),
-            test.feature_store(args, matcher, database_paths, database.dataset_name))
-        logging.info(f"Re-ranked by {args.rerank}@{args.rerank_k}: {reranking_result.ms_per_query:.0f} ms per photo")
-        verified = [dict(zip(row[:args.rerank_k], counts))
+    if rerank:
+        matcher = matchers.build_matcher(rerank.name, rerank.keypoints)
+        reranking_result = matchers.rerank(
+            matcher, rerank.name, predictions, rerank.k, feature_store(matcher, rerank, args.photos, "photos"),
+            feature_store(matcher, rerank, database_paths, database.dataset_name, args.descriptors_cache))
+        logging.info(f"Re-ranked by {rerank.name}@{rerank.k}: {reranking_result.ms_per_query:.0f} ms per photo")
+        verified = [dict(zip(row[:rerank.k], counts))
                     for row, counts in zip(predictions, reranking_result.inliers)]
         predictions, top1_matches = reranking_result.predictions, reranking_result.top1_matches
     predictions = predictions[:, :args.top_k]
@@ -186,7 +186,7 @@ def geolocalize(args):
         result["picture"] = save_picture(result, args, name, top1_matches[index])
         results.append(result)
     files.atomic_json_dump({"model": args.resume_model, "database_folder": args.database_folder,
-                            "rerank": test.rerank_settings(args) or None, "photos": results},
+                            "rerank": rerank and rerank.record(), "photos": results},
                            os.path.join(args.out, "geolocalize.json"))
     return results
 
@@ -200,7 +200,8 @@ def main(argv=None):
     if missing:
         arguments.error(f"no such photo: {', '.join(missing)}")
     import commons
-    args.device = commons.resolve_device(args.device)
+    from core import devices
+    args.device = devices.resolve_device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     commons.log_implicit_settings(args)
     results = geolocalize(args)

@@ -11,7 +11,7 @@ dependencies = ["torch", "torchvision", "timm"]
 
 import torch  # noqa: E402
 
-import checkpoints  # noqa: E402
+from training import checkpoints  # noqa: E402
 import parser  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from model import network  # noqa: E402
@@ -57,6 +57,6 @@ def run_model(checkpoint):
     """The model of one of our runs: the architecture flags of the args.json beside checkpoint (read as
     geolocalize.py reads them, the parser with the model flags alone), exactly the checkpoint's weights."""
     args = parser.parse_arguments("geolocalize", ["--resume_model", str(checkpoint)])
-    model = network.build_model(args)
+    model = network.GeoLocalizationNet(**parser.model_options(args))
     checkpoints.load_model_weights(model, args.resume_model)
     return model.eval()

@@ -15,6 +15,7 @@ import secrets
 import sys
 
 from core.errors import UserError
+from evaluation.settings import IndexSettings, InferenceSettings, RerankSettings
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 # Named sets of defaults (--recipe): flags given on the command line win over them
@@ -34,39 +35,25 @@ class FlagError(UserError, ValueError):
     """A flag whose value cannot work (an unknown name, a value out of range): found after parsing."""
 
 
-def positive_int(value):
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
+def checked_number(convert, accepts, expectation):
+    """An argparse type: the value converted by convert (int, float) when accepts(number), else one error line
+    'expected EXPECTATION, got VALUE', for a word that is no number too."""
+    def parse(value):
+        try:
+            number = convert(value)
+        except ValueError:
+            number = None
+        if number is None or not accepts(number):
+            raise argparse.ArgumentTypeError(f"expected {expectation}, got {value}")
+        return number
+    return parse
 
 
-def non_negative_int(value):
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return number
-
-
-def positive_float(value):
-    number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return number
-
-
-def non_negative_float(value):
-    number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return number
-
-
-def seed_int(value):
-    number = int(value)
-    if number < -1:
-        raise argparse.ArgumentTypeError(f"expected a seed >= 0, or -1 for a random one, got {value}")
-    return number
+positive_int = checked_number(int, lambda number: number >= 1, "a positive integer")
+non_negative_int = checked_number(int, lambda number: number >= 0, "an integer >= 0")
+positive_float = checked_number(float, lambda number: number > 0, "a number > 0")
+non_negative_float = checked_number(float, lambda number: number >= 0, "a number >= 0")
+seed_int = checked_number(int, lambda number: number >= -1, "a seed >= 0, or -1 for a random one")
 
 
 def optional_int(value):
@@ -141,11 +128,11 @@ def add_training_flags(parser):
     group.add_argument("--lr", type=positive_float, default=0.00001, help="learning rate of the backbone and aggregation")
     group.add_argument("--classifiers_lr", type=positive_float, default=0.01, help="learning rate of the CosFace heads")
     group.add_argument("--optimizer", default="adam", metavar="NAME",
-                       help=f"optimizer of the model and the heads: {names_of('optimizers.py', 'OPTIMIZERS')}")
+                       help=f"optimizer of the model and the heads: {names_of('training/optimizers.py', 'OPTIMIZERS')}")
     group.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="weight decay of the optimizers")
     group.add_argument("--momentum", type=non_negative_float, default=0.9, help="momentum of --optimizer sgd")
     group.add_argument("--scheduler", default="none", metavar="NAME",
-                       help=f"per-epoch lr schedule: {names_of('optimizers.py', 'SCHEDULES')} (plateau: on val R@1)")
+                       help=f"per-epoch lr schedule: {names_of('training/optimizers.py', 'SCHEDULES')} (plateau: on val R@1)")
     group.add_argument("--warmup_epochs", type=non_negative_int, default=0,
                        help="linear lr warm-up: epoch e < W trains at lr * (e+1)/(W+1), then the --scheduler starts")
     group.add_argument("--scheduler_step_size", type=positive_int, default=10,
@@ -252,7 +239,7 @@ def add_auxiliary_loss_flags(parser):
     group = parser.add_argument_group("Self-supervised auxiliary loss (between two augmented views of the batch)")
     group.add_argument("--ssl_loss", default="none", metavar="NAME",
                        help=f"none, or a self-supervised loss between two views of the batch: "
-                            f"{names_of('ssl_losses.py', 'SSL_LOSSES')}")
+                            f"{names_of('training/ssl_losses.py', 'SSL_LOSSES')}")
     group.add_argument("--ssl_weight", type=non_negative_float, default=0.1, help="weight of the self-supervised loss")
     group.add_argument("--ssl_augmentations", nargs="+", default=["color_jitter", "random_resized_crop"],
                        help="augmentations of the second view (the first is the training batch), as --augmentations")
@@ -285,7 +272,7 @@ def add_inference_flags(parser):
                             "test flags (never stale): evaluating the same model again skips the extraction")
     group = parser.add_argument_group("Nearest-neighbour search")
     group.add_argument("--faiss_index", default="exact", metavar="NAME",
-                       help=f"kNN index: {names_of('faiss_indexes.py', 'FAISS_INDEXES')}: exact, or approximate for "
+                       help=f"kNN index: {names_of('evaluation/faiss_indexes.py', 'FAISS_INDEXES')}: exact, or approximate for "
                             f"databases of millions of images: ivfpq (--faiss_nlist, --faiss_nprobe, --faiss_pq_m) or "
                             f"hnsw (--faiss_hnsw_m, --faiss_ef_search); an approximate index logs its size and its "
                             f"recall loss against exact")
@@ -315,7 +302,7 @@ def add_rerank_flags(parser):
     group.add_argument("--rerank", default="none", metavar="NAME",
                        help=f"none, or re-rank each query's first --rerank_k predictions by their number of local "
                             f"feature matches with it that a RANSAC homography verifies (ties keep the retrieval "
-                            f"order): {names_of('reranking.py', 'MATCHERS')} (sift needs no weights, the others "
+                            f"order): {names_of('reranking/matchers.py', 'MATCHERS')} (sift needs no weights, the others "
                             f"download theirs once)")
     group.add_argument("--rerank_k", type=positive_int, default=10,
                        help="predictions re-ranked per query (the time per query grows with it)")
@@ -496,11 +483,12 @@ def check_arguments(parser, args, script):
 
 
 # Flags whose value must be a name of a registry: flag -> (module, registry, names also accepted)
-REGISTRY_FLAGS = {"optimizer": ("optimizers", "OPTIMIZERS", ()), "scheduler": ("optimizers", "SCHEDULES", ()),
+REGISTRY_FLAGS = {"optimizer": ("training.optimizers", "OPTIMIZERS", ()),
+                  "scheduler": ("training.optimizers", "SCHEDULES", ()),
                   "loss": ("cosface_loss", "MARGIN_HEADS", ()), "aggregator": ("model.aggregators", "AGGREGATORS", ()),
-                  "ssl_loss": ("ssl_losses", "SSL_LOSSES", ("none",)),
-                  "faiss_index": ("faiss_indexes", "FAISS_INDEXES", ()),
-                  "rerank": ("reranking", "MATCHERS", ("none",))}
+                  "ssl_loss": ("training.ssl_losses", "SSL_LOSSES", ("none",)),
+                  "faiss_index": ("evaluation.faiss_indexes", "FAISS_INDEXES", ()),
+                  "rerank": ("reranking.matchers", "MATCHERS", ("none",))}
 
 
 def check_registries(args):
@@ -515,7 +503,8 @@ def check_registries(args):
         importlib.import_module("model.backbones").check_backbone_name(args.backbone)
     for flag in ("augmentations", "ssl_augmentations"):
         if hasattr(args, flag):
-            importlib.import_module("augmentations").check_augmentation_specs(args, flag)
+            importlib.import_module("augmentations").check_augmentation_specs(getattr(args, flag),
+                                                                              augmentation_defaults(args), flag)
 
 
 def parse_arguments(script="train", argv=None, parser=None):
@@ -533,9 +522,71 @@ def parse_arguments(script="train", argv=None, parser=None):
     return args
 
 
+#### From flags to settings: the Namespace stops at the scripts, which hand these to the library
+
+def model_options(args):
+    """Keyword arguments of model.network.GeoLocalizationNet from the flags, so that train, eval and geolocalize
+    build the same network. Weights that a checkpoint (--resume_model, --resume_train) will replace are never
+    fetched: that works offline. The training flags (frozen stages and statistics) are absent from the evaluation
+    scripts: nothing is frozen there, and their log does not speak of training stages."""
+    flags = vars(args)
+    from_checkpoint = flags.get("resume_model") or flags.get("resume_train")
+    prefix = f"{args.aggregator}_"  # --mixvpr_depth -> depth of the mixvpr aggregator
+    return {"backbone": args.backbone, "fc_output_dim": args.fc_output_dim, "aggregator": args.aggregator,
+            "pretrained": "none" if from_checkpoint else args.pretrained,
+            "train_all_layers": flags.get("train_all_layers", False),
+            "trainable_stages": flags.get("trainable_stages"),
+            "aggregator_options": {key[len(prefix):]: value for key, value in flags.items() if key.startswith(prefix)},
+            "freeze_bn_stats": flags.get("freeze_bn_stats", "none"), "for_training": "trainable_stages" in flags}
+
+
+def augmentation_defaults(args):
+    """The augmentations' AugmentationDefaults of the flags (--image_size, --brightness ... --random_resized_crop)."""
+    return importlib.import_module("augmentations").AugmentationDefaults(
+        args.image_size, args.brightness, args.contrast, args.saturation, args.hue, args.random_resized_crop)
+
+
+def optimizer_settings(args):
+    """The OptimizerSettings of --optimizer, --weight_decay, --momentum."""
+    return importlib.import_module("training.optimizers").OptimizerSettings(args.optimizer, args.weight_decay,
+                                                                            args.momentum)
+
+
+def schedule_settings(args):
+    """The ScheduleSettings of --scheduler, --epochs_num, --warmup_epochs and the --scheduler_* flags."""
+    return importlib.import_module("training.optimizers").ScheduleSettings(
+        args.scheduler, args.epochs_num, args.warmup_epochs, args.scheduler_step_size, args.scheduler_gamma,
+        args.scheduler_patience)
+
+
+def inference_settings(args):
+    """How the descriptors are computed (--infer_batch_size, --eval_amp, --descriptors_cache ...)."""
+    return InferenceSettings(args.device, args.infer_batch_size, args.num_workers, args.eval_amp, args.channels_last,
+                             args.decode_on_gpu, args.descriptors_cache)
+
+
+def index_settings(args):
+    """The kNN index of the --faiss_* flags."""
+    return IndexSettings(args.faiss_index, args.faiss_nlist, args.faiss_nprobe, args.faiss_pq_m, args.faiss_hnsw_m,
+                         args.faiss_ef_search)
+
+
+def rerank_settings(args):
+    """The re-ranking of the --rerank* flags, None without --rerank."""
+    if args.rerank == "none":
+        return None
+    return RerankSettings(args.rerank, args.rerank_k, args.rerank_image_size, args.rerank_keypoints)
+
+
+def test_dataset_options(args):
+    """Keyword arguments of datasets.test_dataset.TestDataset / query_sets from the flags."""
+    return {"positive_dist_threshold": args.positive_dist_threshold, "image_size": args.test_image_size,
+            "on_bad_name": args.on_bad_name, "decode_on_gpu": args.decode_on_gpu, "test_resize": args.test_resize}
+
+
 def flag_tables_markdown():
-    """The README's "All flags" tables: one per flag group, with the scripts that take it (a test checks that the
-    README holds exactly this text; regenerate it with parser.flag_tables_markdown())."""
+    """The flag tables of docs/flags.md: one per flag group, with the scripts that take it (a test checks that
+    docs/flags.md holds exactly this text; regenerate it with parser.flag_tables_markdown())."""
     groups = {}
     for script in SCRIPTS:
         for group in build_parser(script)._action_groups:

@@ -27,10 +27,14 @@ def main(argv=None):
     args = parser.parse_arguments("preview_augmentations", argv, build_parser())
     import commons  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
     import visualizations
+    from augmentations import TrainAugmentation
+    from core import devices
     commons.make_deterministic(args.seed)
-    device = commons.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     images = visualizations.preview_images(args.train_set_folder, args.num_images, args.image_size).to(device)
-    path = visualizations.save_augmentations_preview(images, args.augmentations, args,
+    defaults = parser.augmentation_defaults(args)
+    path = visualizations.save_augmentations_preview(images, args.augmentations,
+                                                     lambda specs: TrainAugmentation(specs, defaults),
                                                      os.path.join(args.out, "augmentations.png"))
     print(f"Saved {path}: the {len(images)} images of {args.train_set_folder} with each of "
           f"{' '.join(args.augmentations)}, then all of them in order")

@@ -24,23 +24,24 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import augmentations  # noqa: E402
-import checkpoints  # noqa: E402
 import commons  # noqa: E402
 import cosface_loss  # noqa: E402
-import domain_adaptation  # noqa: E402
-import optimizers  # noqa: E402
-import reranking  # noqa: E402
-import ssl_losses  # noqa: E402
 import test  # noqa: E402
 import visualizations  # noqa: E402
-from core import files  # noqa: E402
+from core import devices, distributed, files  # noqa: E402
 from datasets import preresize, unlabeled_dataset  # noqa: E402
 from datasets.image_check import make_image_check  # noqa: E402
 from datasets.image_loading import images_to_device  # noqa: E402
 from datasets.normalization import normalize  # noqa: E402
 from datasets.test_dataset import TestDataset, query_sets  # noqa: E402
-from datasets.train_dataset import TrainDataset, check_groups, load_groups  # noqa: E402
+from datasets.listing_cache import load_groups  # noqa: E402
+from datasets.train_dataset import TrainDataset, check_groups  # noqa: E402
+from evaluation import results as records  # noqa: E402
+from evaluation.recalls import recalls_to_str  # noqa: E402
 from model import network  # noqa: E402
+from reranking import matchers  # noqa: E402
+from reranking.stage import rerank_test  # noqa: E402
+from training import checkpoints, domain_adaptation, losses_log, optimizers, ssl_losses  # noqa: E402
 
 
 @dataclass
@@ -84,7 +85,7 @@ def start_logging(args, world_size, rank):
 
 def build_model(args):
     """The network of args on its device, with the weights of --resume_model when given."""
-    model = network.build_model(args)
+    model = network.GeoLocalizationNet(**parser.model_options(args))
     if args.resume_model is not None:
         logging.info(f"Loading model from {args.resume_model}")
         checkpoints.load_model_weights(model, args.resume_model)
@@ -95,10 +96,10 @@ def build_model(args):
 def test_datasets(args):
     """The validation set and the test set's query sets, one per query folder (Tokyo-XS: queries/ and night/), read
     first: they are quick, so their problems show before the classes."""
-    image_check = make_image_check(args, test_set=True)
-    val_ds = TestDataset(args.val_set_folder, args.positive_dist_threshold, args.test_image_size, args.on_bad_name,
-                         image_check, args.decode_on_gpu, args.test_resize)
-    test_sets = query_sets(args, args.test_set_folder, image_check)
+    image_check = make_image_check(args.check_images, args.on_bad_image, args.num_workers, test_set=True)
+    options = parser.test_dataset_options(args)
+    val_ds = TestDataset(args.val_set_folder, image_check=image_check, **options)
+    test_sets = query_sets(args.test_set_folder, args.query_folders, image_check, **options)
     logging.info(f"Validation set: {val_ds}")
     for test_ds in test_sets:
         logging.info(f"Test set: {test_ds}")
@@ -108,11 +109,12 @@ def test_datasets(args):
 def training_groups(args, run):
     """The TrainDataset of each group trained (the first --groups_num of --groups_order)."""
     if args.preresize_cache:  # the main process writes (or finds) the resized copy, then tells the others where
-        args.train_set_folder = commons.computed_on_main(lambda: preresize.preresize_folder(
+        args.train_set_folder = distributed.computed_on_main(lambda: preresize.preresize_folder(
             args.train_set_folder, args.image_size, args.preresize_cache, args.num_workers), run.world_size,
             run.is_main)
     groups = load_groups(args.train_set_folder, args.M, args.alpha, args.N, args.L, args.min_images_per_class,
-                         args.cache_folder, args.on_bad_name, make_image_check(args), args.groups_order)
+                         args.cache_folder, args.on_bad_name,
+                         make_image_check(args.check_images, args.on_bad_image, args.num_workers), args.groups_order)
     check_groups(groups, args.groups_num, args.min_images_per_class, args.train_set_folder,
                  args.batch_size * run.world_size, args.groups_order)
     groups = [TrainDataset(classes, args.image_size, args.on_bad_image, args.decode_on_gpu)
@@ -135,20 +137,25 @@ def initialize_aggregation(args, model, first_group):
 def training_state(args, model, groups, train_augmentation, rank):
     """The margin heads (one per group), the auxiliary losses (--ssl_loss, DANN), every optimizer, scheduler and
     the AMP scaler: what a training checkpoint holds besides the progress."""
-    model_optimizer = optimizers.get_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args)
+    optimizer_settings, schedule_settings = parser.optimizer_settings(args), parser.schedule_settings(args)
+    model_optimizer = optimizers.get_optimizer([p for p in model.parameters() if p.requires_grad], args.lr,
+                                               optimizer_settings)
     classifiers = [cosface_loss.get_margin_head(args.loss, args.fc_output_dim, len(group), args.loss_scale,
                                                 args.loss_margin) for group in groups]
-    classifiers_optimizers = [optimizers.get_optimizer(c.parameters(), args.classifiers_lr, args) for c in classifiers]
+    classifiers_optimizers = [optimizers.get_optimizer(c.parameters(), args.classifiers_lr, optimizer_settings)
+                              for c in classifiers]
     make_target_batches = functools.partial(unlabeled_dataset.folder_batches, args.da_target_folder,
                                             args.image_size, args.batch_size, args.seed, rank=rank,
                                             num_workers=args.num_workers)
     auxiliary_losses = [loss.to(args.device) for loss in (
-        ssl_losses.build_ssl_loss(args, augmentations.TrainAugmentation(args.ssl_augmentations, args)),
-        domain_adaptation.build_dann(args, train_augmentation, args.fc_output_dim, make_target_batches)) if loss]
+        ssl_losses.build_ssl_loss(args.ssl_loss, args.ssl_weight, augmentations.TrainAugmentation(
+            args.ssl_augmentations, parser.augmentation_defaults(args))),
+        domain_adaptation.build_dann(args.da_target_folder, args.da_weight, train_augmentation, args.fc_output_dim,
+                                     args.epochs_num * args.iterations_per_epoch, make_target_batches)) if loss]
     auxiliary_parameters = [p for loss in auxiliary_losses for p in loss.parameters()]
-    auxiliary_optimizers = [optimizers.get_optimizer(auxiliary_parameters, args.classifiers_lr, args)] \
+    auxiliary_optimizers = [optimizers.get_optimizer(auxiliary_parameters, args.classifiers_lr, optimizer_settings)] \
         if auxiliary_parameters else []
-    schedulers = [optimizers.EpochScheduler(optimizer, args)
+    schedulers = [optimizers.EpochScheduler(optimizer, schedule_settings)
                   for optimizer in (model_optimizer, *classifiers_optimizers, *auxiliary_optimizers)]
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and args.device.startswith("cuda"))
     return checkpoints.TrainingState(model, model_optimizer, classifiers, classifiers_optimizers, auxiliary_losses,
@@ -158,7 +165,7 @@ def training_state(args, model, groups, train_augmentation, rank):
 def read_losses(run, pending_losses, progress, progress_bar):
     """Reads the pending losses into the epoch's, averaged over the DDP processes (a non-finite loss on any of them
     stops every one with the same message); shows the loss."""
-    read = commons.mean_over_processes(pending_losses.read(), run.world_size, run.args.device)
+    read = distributed.mean_over_processes(pending_losses.read(), run.world_size, run.args.device)
     checkpoints.check_finite_losses([terms["loss"] for terms in read], progress.epoch_num, progress.iteration,
                                     run.path("last_checkpoint.pth"))
     progress.epoch_losses.extend(read)
@@ -175,7 +182,8 @@ def validate(run, state, val_ds, progress, **epoch_totals):
     steps_done = progress.epoch_num * args.iterations_per_epoch + progress.iteration
     images_per_s = (steps_done - run.clock_steps) * args.batch_size * run.world_size / (time.time() - run.clock_start)
     validation_start_time = time.time()
-    recalls = test.test(args, val_ds, model, world_size=run.world_size, rank=run.rank)
+    recalls = test.test(val_ds, model, parser.inference_settings(args), parser.index_settings(args),
+                        args.recall_values, world_size=run.world_size, rank=run.rank).recalls
     model.train()
     group_num = progress.epoch_num % args.groups_num
     record, is_best = progress.add_validation(
@@ -184,14 +192,14 @@ def validate(run, state, val_ds, progress, **epoch_totals):
         lr=state.model_optimizer.param_groups[0]["lr"],
         classifiers_lr=state.classifiers_optimizers[group_num].param_groups[0]["lr"],
         train_images_per_s=images_per_s if steps_done > run.clock_steps else None,
-        validation_time_s=time.time() - validation_start_time, peak_memory_mb=commons.peak_memory_mb(args.device),
+        validation_time_s=time.time() - validation_start_time, peak_memory_mb=devices.peak_memory_mb(args.device),
         run_time_s=time.time() - run.start_time, **epoch_totals)
     if "train_time_s" in epoch_totals:
         record["epoch_time_s"] = epoch_totals["train_time_s"] + record["validation_time_s"]
     speed = f"{record['train_images_per_s']:.1f} images/s, " if record["train_images_per_s"] else ""
     logging.info(f"Epoch {progress.epoch_num:02d} iteration {progress.iteration} ({steps_done} in all): "
                  + ", ".join(f"{k} = {v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy")) and v)
-                 + f"; {val_ds}: {test.recalls_to_str(recalls, args.recall_values)}; {speed}validation "
+                 + f"; {val_ds}: {recalls_to_str(recalls, args.recall_values)}; {speed}validation "
                  f"{record['validation_time_s']:.0f} s, peak memory {record['peak_memory_mb']:.0f} MB")
     if run.is_main:
         files.append_jsonl(record, run.path("metrics.jsonl"))
@@ -224,7 +232,7 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
                               args.num_workers, pin_memory=args.device.startswith("cuda"))
     dataloader_iterator = iter(dataloader)
     state.model.train()
-    pending_losses = commons.PendingLosses()
+    pending_losses = losses_log.PendingLosses()
     progress_bar = tqdm(range(progress.iteration, args.iterations_per_epoch), ncols=100, disable=not run.is_main,
                         initial=progress.iteration, total=args.iterations_per_epoch, desc=f"epoch {epoch_num:02d}")
     for iteration in progress_bar:
@@ -237,7 +245,7 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
         images = train_augmentation(images).contiguous(memory_format=memory_format)
         for optimizer in optimizers_of_step:
             optimizer.zero_grad(set_to_none=True)
-        with test.autocast_context(args.device, args.amp):
+        with devices.autocast_context(args.device, args.amp):
             output, auxiliary_values = training_module(images, targets, auxiliary_images)
             loss = torch.nn.functional.cross_entropy(output.float(), targets) + sum(auxiliary_values)
         state.scaler.scale(loss).backward()
@@ -258,11 +266,11 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
             validate(run, state, val_ds, progress)
         if args.checkpoint_every and steps_done % args.checkpoint_every == 0 and not epoch_ends:
             read_losses(run, pending_losses, progress, progress_bar)
-            checkpoints.save_training_checkpoint(run.path("last_checkpoint.pth"), state, progress, args,
+            checkpoints.save_training_checkpoint(run.path("last_checkpoint.pth"), state, progress, vars(args),
                                                  run.world_size, run.is_main)
     if run.world_size > 1:
-        commons.check_replicas_in_sync([state.model, state.classifiers[group_num], *state.auxiliary_losses],
-                                       run.world_size, epoch_num)
+        distributed.check_replicas_in_sync([state.model, state.classifiers[group_num], *state.auxiliary_losses],
+                                           run.world_size, epoch_num)
     del dataloader_iterator, dataloader
     return time.time() - epoch_start_time
 
@@ -288,26 +296,31 @@ def test_best_model(run, model, test_sets, progress):
                             "step 0): best_model.pth holds the initial weights (a pretrained body? see --recipe "
                             "finetune)")
         return path, {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-    tested_path, weights = commons.computed_on_main(load_tested_weights, run.world_size, run.is_main)
+    tested_path, weights = distributed.computed_on_main(load_tested_weights, run.world_size, run.is_main)
     model.load_state_dict(weights)
     if args.adabn_folder:
         domain_adaptation.adapt_batchnorm(model, unlabeled_dataset.UnlabeledDataset(
             args.adabn_folder, args.test_image_size, args.test_resize), args.device, args.infer_batch_size,
             args.num_workers)
+    index, rerank = parser.index_settings(args), parser.rerank_settings(args)
     rows = []
-    for test_ds, recalls, predictions, _ in test.test_query_sets(args, test_sets, model, run.world_size, run.rank):
+    for test_ds, tested in test.test_query_sets(test_sets, model, parser.inference_settings(args), index,
+                                                args.recall_values, run.world_size, run.rank):
         if not run.is_main:
             continue
-        recalls, predictions, reranking = test.rerank_test(args, test_ds, predictions, recalls)
-        rows.append((test_ds, recalls, reranking))
+        recalls, predictions, reranked = rerank_test(rerank, test_ds, tested.predictions, tested.recalls,
+                                                     args.recall_values, args.descriptors_cache)
+        rows.append((test_ds, recalls, reranked))
         output_folder = run.output_folder if test_ds is test_sets[0] else \
             run.path(files.label_folder(test_ds.label))  # the first query set's pictures where they always were
         visualizations.save_predictions_report(predictions, test_ds, output_folder, args.num_preds_to_save,
-                                               args.save_only_wrong_preds, title=test.results_title(
+                                               args.save_only_wrong_preds, title=records.results_title(
                                                    test_ds, tested_path, recalls, args.recall_values),
-                                               matches=reranking and reranking.top1_matches)
+                                               matches=reranked and reranked.top1_matches)
     if run.is_main:
-        test.save_test_results(run.path("test_results.json"), rows, tested_path, args)
+        settings = records.evaluation_settings(index, args.eval_amp, args.test_image_size, args.test_resize,
+                                               args.positive_dist_threshold, args.adabn_folder, rerank)
+        records.save_test_results(run.path("test_results.json"), rows, tested_path, settings, args.recall_values)
     return tested_path
 
 
@@ -318,7 +331,7 @@ def main(args):
     torch.backends.cudnn.benchmark = True  # input sizes are fixed during training
 
     #### Processes (DDP through torchrun: one per GPU; a single process otherwise)
-    world_size, rank = commons.setup_distributed(args)
+    world_size, rank, args.device = distributed.setup_distributed(args.device)
 
     #### Logging: only the main process writes (logs, checkpoints)
     run = Run(args, world_size, rank, start_logging(args, world_size, rank), start_time)
@@ -333,19 +346,22 @@ def main(args):
 
     #### Datasets
     val_ds, test_sets = test_datasets(args)
-    if args.rerank != "none":  # a matcher without its weights fails now, not after the training
-        reranking.build_matcher(args.rerank, args.rerank_keypoints)
+    rerank = parser.rerank_settings(args)
+    if rerank:  # a matcher without its weights fails now, not after the training
+        matchers.build_matcher(rerank.name, rerank.keypoints)
     groups = training_groups(args, run)
     initialize_aggregation(args, model, groups[0])
 
     #### Classifiers (one margin head per group), augmentation, auxiliary losses, their optimizers
-    train_augmentation = augmentations.TrainAugmentation(args.augmentations, args).to(args.device)
+    train_augmentation = augmentations.TrainAugmentation(args.augmentations,
+                                                         parser.augmentation_defaults(args)).to(args.device)
     state = training_state(args, model, groups, train_augmentation, rank)
     if world_size > 1:  # every module was initialised alike; from here each process draws its own augmentations
         commons.make_deterministic(args.seed + rank)
 
     #### Resume
-    progress = checkpoints.resume_training(args.resume_train, state, args, world_size, rank, run.output_folder) \
+    progress = checkpoints.resume_training(args.resume_train, state, vars(args), world_size, rank,
+                                           run.output_folder) \
         if args.resume_train else checkpoints.TrainingProgress()
     for record in progress.metrics_history if run.is_main else ():  # each run folder holds the whole history
         files.append_jsonl(record, run.path("metrics.jsonl"))
@@ -373,8 +389,8 @@ def main(args):
         for scheduler in state.schedulers:  # after the record: it logs the lr this epoch trained with
             scheduler.step(record[f"val_R@{args.recall_values[0]}"])
         progress.next_epoch()
-        checkpoints.save_training_checkpoint(run.path("last_checkpoint.pth"), state, progress, args, world_size,
-                                             run.is_main)
+        checkpoints.save_training_checkpoint(run.path("last_checkpoint.pth"), state, progress, vars(args),
+                                             world_size, run.is_main)
 
     logging.info(f"Trained for {args.epochs_num:02d} epochs, in total in {time.time() - start_time:.0f} s")
 

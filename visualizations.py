@@ -300,17 +300,16 @@ def labelled_row(label, images, label_width):
     return canvas
 
 
-def save_augmentations_preview(images, augmentation_specs, args, path):
+def save_augmentations_preview(images, augmentation_specs, make_augmentation, path):
     """path: a PNG of the images (uint8 batch [B, 3, H, W], on the device to augment on), one labelled row per
     augmentation of augmentation_specs ("name" or "name:strength"), each alone on the same images, then one row
-    with the whole chain, as training applies it: what each one does and what they do together. args holds the
-    augmentations' flags (brightness, contrast, saturation, hue, random_resized_crop, image_size). Random
-    parameters come from torch's global RNG."""
-    from augmentations import TrainAugmentation  # here: eval.py and geolocalize.py need no kornia to start
+    with the whole chain, as training applies it: what each one does and what they do together.
+    make_augmentation(specs) -> the augmentations.TrainAugmentation of specs. Random parameters come from torch's
+    global RNG."""
     rows = [("original", images)]
-    rows += [(spec, TrainAugmentation([spec], args).to(images.device).augment(images)) for spec in augmentation_specs]
+    rows += [(spec, make_augmentation([spec]).to(images.device).augment(images)) for spec in augmentation_specs]
     if len(augmentation_specs) > 1:
-        chain = TrainAugmentation(augmentation_specs, args).to(images.device).augment(images)
+        chain = make_augmentation(augmentation_specs).to(images.device).augment(images)
         rows.append(("all, in order:\n" + "\n".join(augmentation_specs), chain))
     label_width = 2 * FRAME + max(int(font(18).getlength(line)) for label, _ in rows for line in label.split("\n"))
     page = stack_rows([labelled_row(label, to_pil_images(batch), label_width) for label, batch in rows])

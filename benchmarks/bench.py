@@ -44,15 +44,18 @@ if REPO_ROOT not in sys.path:
 import augmentations  # noqa: E402
 import commons  # noqa: E402
 import cosface_loss  # noqa: E402
-import faiss_indexes
 import parser  # noqa: E402
 import test  # noqa: E402
-from core import files  # noqa: E402
+from core import devices, files  # noqa: E402
 from datasets.image_loading import collate_images, images_to_device  # noqa: E402
 from datasets.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from datasets.synthetic import generate_dataset  # noqa: E402
 from datasets.test_dataset import TestDataset  # noqa: E402
-from datasets.train_dataset import ClassBatchSampler, TrainDataset, load_groups  # noqa: E402
+from datasets.listing_cache import load_groups  # noqa: E402
+from datasets.train_dataset import ClassBatchSampler, TrainDataset  # noqa: E402
+from evaluation import faiss_indexes  # noqa: E402
+from evaluation.descriptors import compute_descriptors, dataset_descriptors  # noqa: E402
+from evaluation.recalls import compute_recalls  # noqa: E402
 from model import network  # noqa: E402
 
 TRAIN_PLACES, IMAGES_PER_PLACE, TEST_PLACES = 40, 4, 12
@@ -127,11 +130,11 @@ def naive_descriptors(model, dataset, device, batch_size, num_workers, database=
 
 
 def naive_retrieval(database_descriptors, queries_descriptors, positives_per_query, recall_values):
-    """Upstream's kNN: an exact faiss index (its recall loop is test.compute_recalls' own)."""
+    """Upstream's kNN: an exact faiss index (its recall loop is evaluation/recalls.compute_recalls' own)."""
     index = faiss.IndexFlatL2(database_descriptors.shape[1])
     index.add(database_descriptors)
     _, predictions = index.search(queries_descriptors, max(recall_values))
-    return test.compute_recalls(predictions, positives_per_query, recall_values)
+    return compute_recalls(predictions, positives_per_query, recall_values)
 
 
 #### Measurements
@@ -179,7 +182,7 @@ def project_args(config, image_size):
             "--min_images_per_class", str(IMAGES_PER_PLACE), "--device", config.device,
             "--cache_folder", os.path.join(config.data, "cache"), "--amp", config.amp, "--eval_amp", config.amp]
     args = parser.parse_arguments("train", argv=argv)
-    args.device = commons.resolve_device(args.device)
+    args.device = devices.resolve_device(args.device)
     return args
 
 
@@ -201,7 +204,8 @@ def augmented_batches(pipeline, args):
     if pipeline == "naive":
         augmentation = NaiveAugmentation(args)
         return lambda batch: (augmentation(batch[0].to(args.device)), batch[1].to(args.device))
-    augmentation = augmentations.TrainAugmentation(args.augmentations, args).to(args.device)
+    augmentation = augmentations.TrainAugmentation(args.augmentations,
+                                                   parser.augmentation_defaults(args)).to(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     return lambda batch: (augmentation(images_to_device(batch[0], args.image_size, args.device))
                           .contiguous(memory_format=memory_format), batch[1].to(args.device, non_blocking=True))
@@ -209,7 +213,7 @@ def augmented_batches(pipeline, args):
 
 def training_step(pipeline, args, classes_num):
     """A function (images, targets) -> None doing one optimisation step, as train.py (ours) or upstream."""
-    model = network.build_model(args).to(args.device).train()
+    model = network.GeoLocalizationNet(**parser.model_options(args)).to(args.device).train()
     head = cosface_loss.get_margin_head(args.loss, args.fc_output_dim, classes_num, args.loss_scale).to(args.device)
     if pipeline != "naive" and args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -220,7 +224,7 @@ def training_step(pipeline, args, classes_num):
 
     def step(images, targets):
         optimizer.zero_grad(set_to_none=True)
-        with test.autocast_context(args.device, amp):
+        with devices.autocast_context(args.device, amp):
             loss = criterion(head(model(images), targets).float(), targets)
         loss.backward()
         optimizer.step()
@@ -252,7 +256,7 @@ def case_eval(pipeline, config):
     """Descriptor extraction and retrieval timed apart, then a whole evaluation (test.test for ours)."""
     args = project_args(config, config.image_size)
     args.infer_batch_size, args.decode_on_gpu = config.infer_batch_size, pipeline == "ours_gpu_decode"
-    model = network.build_model(args).to(args.device)
+    model = network.GeoLocalizationNet(**parser.model_options(args)).to(args.device)
     dataset = TestDataset(args.test_set_folder, decode_on_gpu=args.decode_on_gpu)
     positives = dataset.get_positives()
     warmup_database, warmup_queries = range(args.infer_batch_size), [len(dataset) - 1]  # a batch and a query
@@ -265,10 +269,10 @@ def case_eval(pipeline, config):
     else:
         if not args.device.startswith("cuda"):
             args.eval_amp = "none"
-        test.compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.eval_amp,
-                                 args.channels_last, indices=[*warmup_database, *warmup_queries])
-        extract = lambda: test.dataset_descriptors(args, dataset, model)
-        retrieve = lambda d: test.compute_recalls(faiss_indexes.knn_search(
+        compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.eval_amp,
+                            args.channels_last, indices=[*warmup_database, *warmup_queries])
+        extract = lambda: dataset_descriptors(dataset, model, parser.inference_settings(args))
+        retrieve = lambda d: compute_recalls(faiss_indexes.knn_search(
             d[:dataset.database_num], d[dataset.database_num:], max(args.recall_values)), positives, args.recall_values)
     synchronize(args.device)  # after a warm-up (cuDNN autotuning, first allocations) on a batch and a query
     start_time = time.perf_counter()
@@ -280,7 +284,8 @@ def case_eval(pipeline, config):
         retrieve(descriptors)
     retrieval_time = (time.perf_counter() - start_time) / config.retrieval_repeats
     start_time = time.perf_counter()
-    recalls = test.test(args, dataset, model) if pipeline != "naive" else retrieve(extract())
+    recalls = test.test(dataset, model, parser.inference_settings(args), parser.index_settings(args),
+                        args.recall_values).recalls if pipeline != "naive" else retrieve(extract())
     synchronize(args.device)
     return {"descriptors_images_per_s": len(dataset) / extraction_time,
             "retrieval_ms_per_query": retrieval_time / dataset.queries_num * 1000,
@@ -298,7 +303,7 @@ def case_retrieval(config):
     queries = queries + 0.3 * rng.normal(size=queries.shape).astype(np.float32)
     database /= np.linalg.norm(database, axis=1, keepdims=True)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    defaults = faiss_indexes.index_options(parser.parse_arguments("eval", argv=["--test_set_folder", "-"]))
+    defaults = parser.index_settings(parser.parse_arguments("eval", argv=["--test_set_folder", "-"])).options()
     indexes, exact_top1 = {}, None
     for kind in faiss_indexes.FAISS_INDEXES:
         start_time = time.perf_counter()
@@ -440,7 +445,7 @@ def main():
             files.atomic_json_dump({"machine": machine_description("cpu"), "config": vars(config), **figures},
                                    config.out)
         return
-    config.device = commons.resolve_device(config.device)
+    config.device = devices.resolve_device(config.device)
     config.amp = config.amp or ("bf16" if config.device.startswith("cuda") else "none")
     if config.case:
         return run_case(config)

@@ -20,10 +20,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import augmentations  # noqa: E402
-import commons  # noqa: E402
+from core import devices  # noqa: E402
 import cosface_loss  # noqa: E402
 import parser  # noqa: E402
-import test  # noqa: E402
 from benchmarks.bench import synchronize  # noqa: E402
 from core import files  # noqa: E402
 from datasets.dataset_utils import find_images  # noqa: E402
@@ -48,7 +47,7 @@ def check_amp_step(device, amp):
         raise Skipped("autocast is for CUDA")
     args = project_args(device)
     torch.manual_seed(0)
-    model = network.build_model(args).to(device).to(memory_format=torch.channels_last).train()
+    model = network.GeoLocalizationNet(**parser.model_options(args)).to(device).to(memory_format=torch.channels_last).train()
     head = cosface_loss.get_margin_head("cosface", args.fc_output_dim, 10).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad] + list(head.parameters()), 1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -58,7 +57,7 @@ def check_amp_step(device, amp):
     losses = []
     for _ in range(3):
         optimizer.zero_grad(set_to_none=True)
-        with test.autocast_context(device, amp):
+        with devices.autocast_context(device, amp):
             loss = torch.nn.functional.cross_entropy(head(model(images), targets).float(), targets)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -74,7 +73,8 @@ def check_augmentation(device, paths):
     are drawn on the CPU; 16 images at 128 px are one CPU chunk, so both draw them alike) but for the crops'
     outermost ring (RandomResizedCrop.crop_all on the device), and its speed on a batch of 32 at 512 px."""
     images = torch.stack([load_image_tensor(path, 128) for path in paths[:16]])
-    pipeline = augmentations.TrainAugmentation(project_args(device).augmentations, project_args(device))
+    pipeline = augmentations.TrainAugmentation(project_args(device).augmentations,
+                                               parser.augmentation_defaults(project_args(device)))
     torch.manual_seed(0)
     reference = pipeline.to("cpu")(images)
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def check_augmentation(device, paths):
     error = (on_device - reference)[..., 1:-1, 1:-1].abs().max().item()  # the crops' outer ring differs by design
     assert error < 1e-3, f"max difference {error}"
     args = project_args(device, image_size=512)
-    pipeline = augmentations.TrainAugmentation(args.augmentations, args).to(device)
+    pipeline = augmentations.TrainAugmentation(args.augmentations, parser.augmentation_defaults(args)).to(device)
     batch = torch.stack([load_image_tensor(path, 512) for path in paths]).to(device)
     pipeline(batch)
     synchronize(device)
@@ -118,7 +118,7 @@ def check_channels_last(device):
     """The same descriptors with channels_last inputs and weights as with contiguous ones."""
     args = project_args(device)
     torch.manual_seed(0)
-    model = network.build_model(args).to(device).eval()
+    model = network.GeoLocalizationNet(**parser.model_options(args)).to(device).eval()
     images = torch.rand(8, 3, 128, 128, device=device)
     with torch.inference_mode():
         contiguous = model(images)
@@ -134,7 +134,7 @@ def main():
     cli.add_argument("--device", default="cuda")
     cli.add_argument("--out", default=None, help="results as JSON")
     config = cli.parse_args()
-    device = commons.resolve_device(config.device)
+    device = devices.resolve_device(config.device)
     with tempfile.TemporaryDirectory(prefix="gpu_checks_") as folder:
         generate_dataset(folder, train_places=32, val_places=1, test_places=1, images_per_train_place=1,
                          view_size=512, seed=0)

@@ -37,7 +37,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from datasets.dataset_utils import format_image_name  # noqa: E402
-from datasets.train_dataset import images_paths_file  # noqa: E402
+from datasets.listing_cache import images_paths_file  # noqa: E402
 
 M, ALPHA, N, L, MIN_IMAGES_PER_CLASS = 10, 30, 5, 2, 10  # CosPlace's defaults
 UPSTREAM_IMPORTS = "import torch, torchvision, faiss, sklearn.neighbors, numpy, PIL, tqdm"  # its train.py's libraries
@@ -125,7 +125,8 @@ def cached_start(code):
 
 def worker_memory(dataset_kind, train, cache_folder, workers, batches, batch_size):
     """Mean private memory (USS, MB) of the loader workers after 1, 1/4, 1/2 and all batches."""
-    from datasets.train_dataset import ClassBatchSampler, ClassPaths, TrainDataset, load_groups
+    from datasets.listing_cache import load_groups
+    from datasets.train_dataset import ClassBatchSampler, ClassPaths, TrainDataset
     groups = load_groups(train, M, ALPHA, N, L, MIN_IMAGES_PER_CLASS, cache_folder)
     classes = [paths for group in groups for paths in group]  # every class of every group, as upstream holds them
     if dataset_kind == "ours":
@@ -172,7 +173,7 @@ def child(args):
     root = os.path.join(args.tree, str(args.names))
     train, cache_folder = os.path.join(root, "train"), os.path.join(root, f"cache_{args.case.split('_')[0]}")
     if args.case == "ours_first":
-        from datasets.train_dataset import load_groups
+        from datasets.listing_cache import load_groups
         start = time.time()
         groups = load_groups(train, M, ALPHA, N, L, MIN_IMAGES_PER_CLASS, cache_folder)
         print(time.time() - start, peak_mb(), len(groups), sum(len(g) for g in groups))
@@ -209,7 +210,7 @@ def main():
         rows[kind] = [f"{float(seconds):.1f} s, peak {float(peak) / 1024:.2f} GB ({groups_num} groups, "
                       f"{classes_num} classes)"]
     time.sleep(3)  # beyond load_groups' racy window, as any later start
-    load = (f"from datasets.train_dataset import load_groups; load_groups({train!r}, {M}, {ALPHA}, {N}, {L}, "
+    load = (f"from datasets.listing_cache import load_groups; load_groups({train!r}, {M}, {ALPHA}, {N}, {L}, "
             f"{MIN_IMAGES_PER_CLASS}, {os.path.join(root, 'cache_ours')!r})")
     upstream = f"{UPSTREAM_IMPORTS}; torch.load({os.path.join(root, 'cache_upstream', 'train.torch')!r})"
     for kind, code in (("ours", "import train; " + load), ("upstream", upstream)):

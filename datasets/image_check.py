@@ -45,10 +45,10 @@ def check_images(paths, on_bad_image="error", num_threads=1):
     return [path for path, problem in zip(paths, problems) if problem is None]
 
 
-def make_image_check(args, test_set=False):
-    """The check that find_images applies to a folder's images for these flags, or None. A bad training image
-    can still be skipped while loading (another image of its class is taken); a test image cannot (it has
-    its place among the descriptors), so with --on_bad_image skip test sets are always checked first."""
-    if args.check_images or (test_set and args.on_bad_image == "skip"):
-        return functools.partial(check_images, on_bad_image=args.on_bad_image, num_threads=args.num_workers)
+def make_image_check(check_all, on_bad_image="error", num_threads=1, test_set=False):
+    """The check that find_images applies to a folder's images (--check_images, --on_bad_image), or None. A bad
+    training image can still be skipped while loading (another image of its class is taken); a test image cannot
+    (it has its place among the descriptors), so with --on_bad_image skip test sets are always checked first."""
+    if check_all or (test_set and on_bad_image == "skip"):
+        return functools.partial(check_images, on_bad_image=on_bad_image, num_threads=num_threads)
     return None

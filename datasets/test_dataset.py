@@ -88,9 +88,8 @@ class TestDataset(ImageListDataset):
         return self.positives_per_query
 
 
-def query_sets(args, folder, image_check=None):
-    """One TestDataset per query folder of a test folder (query_folders), with the flags of args (--query_folders
-    picks the folders)."""
-    return [TestDataset(folder, args.positive_dist_threshold, args.test_image_size, args.on_bad_name, image_check,
-                        args.decode_on_gpu, args.test_resize, queries_folder=queries_folder)
-            for queries_folder in query_folders(folder, getattr(args, "query_folders", None))]
+def query_sets(folder, names=None, image_check=None, **options):
+    """One TestDataset per query folder of a test folder (query_folders; names: --query_folders), each with the
+    TestDataset options given (parser.test_dataset_options)."""
+    return [TestDataset(folder, image_check=image_check, queries_folder=queries_folder, **options)
+            for queries_folder in query_folders(folder, names)]

@@ -32,7 +32,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--pretrained", required=True, help="weights file of --backbone")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "experiments", "rerank_study"))
-    parser.add_argument("--matchers", nargs="+", default=None, help="default: every matcher of reranking.MATCHERS")
+    parser.add_argument("--matchers", nargs="+", default=None, help="default: every matcher of reranking/matchers.py's MATCHERS")
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--iterations", type=int, default=200, help="fine-tuning iterations (batch 32)")
     parser.add_argument("--image_size", type=int, default=224, help="training and retrieval test size")
@@ -80,20 +80,21 @@ def time_local_features(args, matcher_name, test_sets):
     seconds per image when they were computed (kept in --out/local_features_<matcher>.json for the next calls), or
     the one-line reason the matcher cannot run."""
     import parser
-    import reranking
-    import test
     from core.errors import UserError
     from datasets.test_dataset import query_sets
+    from reranking import matchers
+    from reranking.features import feature_store
     eval_args = parser.parse_arguments("eval", ["--test_set_folder", *test_sets, "--pretrained", "none",
                                                 *rerank_flags(args, matcher_name, 1)])
     try:
-        matcher = reranking.build_matcher(matcher_name, args.rerank_keypoints)
+        matcher = matchers.build_matcher(matcher_name, args.rerank_keypoints)
     except UserError as error:
         return str(error)
     seconds, computed = 0.0, 0
     for folder in test_sets:
-        for dataset in query_sets(eval_args, folder):
-            store = test.feature_store(eval_args, matcher, dataset.images_paths, dataset.dataset_name)
+        for dataset in query_sets(folder, **parser.test_dataset_options(eval_args)):
+            store = feature_store(matcher, parser.rerank_settings(eval_args), dataset.images_paths,
+                                  dataset.dataset_name, eval_args.descriptors_cache)
             start = time.perf_counter()
             store.get(range(len(dataset)))
             seconds += time.perf_counter() - start
@@ -118,8 +119,8 @@ def table(rows):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    import reranking
-    matchers = args.matchers or list(reranking.MATCHERS)
+    from reranking.matchers import MATCHERS
+    matcher_names = args.matchers or list(MATCHERS)
     test_sets = [os.path.join(args.dataset_folder, split) for split in ("val", "test")]
     start_time = time.time()
     trained, error = run(args, "train.py", "finetune", [
@@ -132,7 +133,7 @@ def main(argv=None):
     models = {"untrained": ["--pretrained", args.pretrained],
               "finetune": ["--resume_model", os.path.join(trained or "<finetune run>", "best_model.pth")]}
     rows, notes = [], []
-    for matcher in matchers:
+    for matcher in matcher_names:
         feature_seconds = None if args.dry_run else time_local_features(args, matcher, test_sets)
         if isinstance(feature_seconds, str):
             notes.append(f"{matcher}: not run here: {feature_seconds}")

@@ -2,7 +2,7 @@
 a feature map [B, C, h, w] into an L2-normalised descriptor [B, fc_output_dim].
 
 The options of aggregator NAME come from the flags --NAME_OPTION (e.g. --mixvpr_depth -> depth), see
-options_from_args. An aggregator that needs data to be initialised (NetVLAD's clusters) has a method
+parser.model_options. An aggregator that needs data to be initialised (NetVLAD's clusters) has a method
 initialize_from_features(feature_maps), which train.py calls with the backbone's maps of a few training images.
 """
 
@@ -151,12 +151,6 @@ AGGREGATORS = {
     "netvlad": NetVLAD,
     "boq": BoQ,
 }
-
-
-def options_from_args(name, args):
-    """The flags --NAME_OPTION of aggregator NAME as its keyword arguments (--mixvpr_depth 4 -> depth=4)."""
-    prefix = f"{name}_"
-    return {key[len(prefix):]: value for key, value in vars(args).items() if key.startswith(prefix)}
 
 
 def get_aggregator(name, in_channels, fc_output_dim, **options):

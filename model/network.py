@@ -5,7 +5,7 @@ import logging
 import torch
 from torch import nn
 
-from model.aggregators import get_aggregator, options_from_args
+from model.aggregators import get_aggregator
 from model.backbones import get_backbone
 
 
@@ -52,18 +52,6 @@ def frozen_batchnorms(backbone, which):
     if which != "none":
         logging.info(f"BatchNorm statistics frozen (--freeze_bn_stats {which}) in {len(batchnorms)} layers")
     return batchnorms
-
-
-def build_model(args):
-    """The model described by the parsed arguments (one place, so train/eval/geolocalize agree). Weights that a
-    checkpoint (--resume_model, --resume_train) will replace are never fetched: that works offline. The training
-    flags (frozen stages and statistics) are absent from the evaluation scripts: nothing is frozen there, and their
-    log does not speak of training stages."""
-    from_checkpoint = getattr(args, "resume_model", None) or getattr(args, "resume_train", None)
-    return GeoLocalizationNet(args.backbone, args.fc_output_dim, args.aggregator,
-                              "none" if from_checkpoint else args.pretrained, getattr(args, "train_all_layers", False),
-                              getattr(args, "trainable_stages", None), options_from_args(args.aggregator, args),
-                              getattr(args, "freeze_bn_stats", "none"), for_training=hasattr(args, "trainable_stages"))
 
 
 class ModelWithHead(nn.Module):

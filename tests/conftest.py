@@ -83,6 +83,14 @@ def train_in_process(*args):
         undo_logging_setup()
 
 
+def recalls_with_flags(args, dataset, model, **options):
+    """test.test of the model on dataset with the evaluation flags of args, as the scripts call it."""
+    import parser
+    import test
+    return test.test(dataset, model, parser.inference_settings(args), parser.index_settings(args), args.recall_values,
+                     **options)
+
+
 def tiny_training_args(dataset_folder, tmp_path, *extra):
     """Flags of a few-second training run on the synthetic dataset."""
     return ["--dataset_folder", dataset_folder, "--groups_num", "1", "--epochs_num", "1", "--iterations_per_epoch", "3",

@@ -12,7 +12,8 @@ BATCH_SIZE, SIZE = 16, 64
 
 @pytest.fixture(scope="module")
 def args():
-    return parser.parse_arguments("train", argv=["--dataset_folder", "unused", "--image_size", str(SIZE)])
+    return parser.augmentation_defaults(parser.parse_arguments("train", argv=["--dataset_folder", "unused",
+                                                                              "--image_size", str(SIZE)]))
 
 
 def identical_images(dtype=torch.float32):

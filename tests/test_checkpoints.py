@@ -1,13 +1,12 @@
-"""checkpoints.py on its own: what a training checkpoint saves comes back into fresh objects, a diverged run is
+"""training.checkpoints.py on its own: what a training checkpoint saves comes back into fresh objects, a diverged run is
 stopped at the right iteration, and a checkpoint of another setup names the flags to fix."""
 
-import argparse
 import math
 
 import pytest
 import torch
 
-import checkpoints
+from training import checkpoints
 
 
 def training_state(seed):
@@ -31,18 +30,18 @@ def train_one_step(state):
 
 
 def test_a_saved_training_comes_back_exactly(tmp_path):
-    state, args = training_state(0), argparse.Namespace(lr=0.1, seed=0)
+    state, flags = training_state(0), {"lr": 0.1, "seed": 0}
     train_one_step(state)
     progress = checkpoints.TrainingProgress(epoch_num=2, iteration=5, best_val_recall1=42.0,
                                             epoch_losses=[{"loss": 1.5}], recorded_losses=1,
                                             metrics_history=[{"step": 3, "val_R@1": 42.0}])
     path = str(tmp_path / "last_checkpoint.pth")
     torch.manual_seed(123)
-    checkpoints.save_training_checkpoint(path, state, progress, args)
+    checkpoints.save_training_checkpoint(path, state, progress, flags)
     expected_random = torch.rand(3)
     restored = training_state(1)  # other weights, fresh optimizer states
     torch.manual_seed(999)
-    resumed = checkpoints.resume_training(path, restored, args)
+    resumed = checkpoints.resume_training(path, restored, flags)
     assert torch.equal(torch.rand(3), expected_random)  # the RNG continues where the checkpoint was written
     assert (resumed.epoch_num, resumed.iteration, resumed.best_val_recall1, resumed.best_step) == (2, 5, 42.0, 3)
     assert resumed.epoch_losses == [{"loss": 1.5}] and resumed.metrics_history == progress.metrics_history
@@ -75,19 +74,19 @@ def test_non_finite_losses_and_weights_stop_at_the_right_place(tmp_path):
     assert not checkpoints.weights_are_finite([state.model])
     with pytest.raises(checkpoints.TrainingDiverged, match="The weights became non-finite at epoch 0, iteration 4"):
         checkpoints.save_training_checkpoint(str(tmp_path / "c.pth"), state, checkpoints.TrainingProgress(iteration=4),
-                                             argparse.Namespace())
+                                             {})
     assert not (tmp_path / "c.pth").exists()
 
 
 def test_a_checkpoint_of_another_setup_names_the_flags(tmp_path):
-    state, args = training_state(0), argparse.Namespace(lr=0.1)
+    state, flags = training_state(0), {"lr": 0.1}
     path = str(tmp_path / "last_checkpoint.pth")
-    checkpoints.save_training_checkpoint(path, state, checkpoints.TrainingProgress(epoch_num=1), args)
+    checkpoints.save_training_checkpoint(path, state, checkpoints.TrainingProgress(epoch_num=1), flags)
     other = training_state(0)
     other.auxiliary_losses.clear()
     with pytest.raises(checkpoints.CheckpointError, match="1 auxiliary losses, this run 0: use the same --ssl_loss"):
-        checkpoints.resume_training(path, other, args)
+        checkpoints.resume_training(path, other, flags)
     with pytest.raises(checkpoints.CheckpointError, match="is not a training checkpoint"):
         torch.save(state.model.state_dict(), str(tmp_path / "best_model.pth"))
-        checkpoints.resume_training(str(tmp_path / "best_model.pth"), training_state(0), args)
-    assert checkpoints.changed_flags({"lr": 0.1, "seed": 0}, argparse.Namespace(lr=0.2, seed=0)) == ["--lr 0.1 -> 0.2"]
+        checkpoints.resume_training(str(tmp_path / "best_model.pth"), training_state(0), flags)
+    assert checkpoints.changed_flags({"lr": 0.1, "seed": 0}, {"lr": 0.2, "seed": 0}) == ["--lr 0.1 -> 0.2"]

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import commons
+from training import checkpoints
+from core import distributed
 import eval as eval_script
 import parser
-import test
-from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args
+from conftest import REPO_ROOT, recalls_with_flags, run_folders, run_script, tiny_training_args
 from datasets.test_dataset import TestDataset
 from datasets.train_dataset import ClassBatchSampler
 from model import network
@@ -65,7 +64,7 @@ def test_torchrun_two_processes_on_cpu(synthetic_dataset, tmp_path):
     model_args = parser.parse_arguments("eval", argv=["--dataset_folder", synthetic_dataset,
                                                                  "--pretrained", "none"])
     for name in ("best_model.pth", "last_checkpoint.pth"):
-        checkpoints.load_model_weights(network.build_model(model_args), os.path.join(folder, name))
+        checkpoints.load_model_weights(network.GeoLocalizationNet(**parser.model_options(model_args)), os.path.join(folder, name))
     results = eval_script.main(["--dataset_folder", synthetic_dataset, "--pretrained", "none", "--num_workers", "0",
                                 "--device", "cpu", "--resume_model", os.path.join(folder, "best_model.pth"),
                                 "--logs_root", str(tmp_path / "eval_logs")])
@@ -86,7 +85,7 @@ def eval_args(dataset_folder):
 
 def seeded_model(args):
     torch.manual_seed(0)
-    return network.build_model(args)
+    return network.GeoLocalizationNet(**parser.model_options(args))
 
 
 def rank_process(rank, dataset_folder, out):
@@ -97,18 +96,18 @@ def rank_process(rank, dataset_folder, out):
                                          world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
     args = eval_args(dataset_folder)
     val_ds = TestDataset(os.path.join(dataset_folder, "val"), image_size=48)
-    recalls, _, descriptors = test.test(args, val_ds, seeded_model(args), return_details=True,
-                                        world_size=WORLD_SIZE, rank=rank)
+    tested = recalls_with_flags(args, val_ds, seeded_model(args), world_size=WORLD_SIZE, rank=rank)
+    recalls, descriptors = tested.recalls, tested.descriptors
     rows = np.arange(rank, 5, WORLD_SIZE)  # ranks 0 and 1 give two rows, rank 2 one
     local = np.full((5, 3), np.nan, dtype=np.float32)  # this process's rows only
     local[rows] = rows[:, None] * np.ones((1, 3), np.float32)
-    gathered_values = commons.all_gather_rows(local, rows, 5, WORLD_SIZE, chunk_rows=1)  # two rounds of gathers
-    averaged = commons.mean_over_processes([{"loss": float(rank), "ssl": 1.0}, {"loss": 2.0 * rank, "ssl": 3.0}],
-                                           WORLD_SIZE)
+    gathered_values = distributed.all_gather_rows(local, rows, 5, WORLD_SIZE, chunk_rows=1)  # two rounds of gathers
+    averaged = distributed.mean_over_processes([{"loss": float(rank), "ssl": 1.0}, {"loss": 2.0 * rank, "ssl": 3.0}],
+                                               WORLD_SIZE)
     losses = [{"loss": 1.0}, {"loss": math.nan if rank == 1 else 2.0}, {"loss": 3.0}]
     try:
-        checkpoints.check_finite_losses([r["loss"] for r in commons.mean_over_processes(losses, WORLD_SIZE)], 0, 9,
-                                        "ckpt")
+        checkpoints.check_finite_losses([r["loss"] for r in distributed.mean_over_processes(losses, WORLD_SIZE)],
+                                        0, 9, "ckpt")
         stopped = "not stopped"
     except checkpoints.TrainingDiverged as error:
         stopped = str(error)
@@ -133,7 +132,7 @@ def ranks_outputs(synthetic_dataset, tmp_path_factory):
 def test_shares_of_indices_partition_them():
     for total in (0, 1, 5, 36, 37):
         for world_size in (1, 2, 3, 4):
-            shares = [list(commons.shard(range(total), world_size, rank)) for rank in range(world_size)]
+            shares = [list(distributed.shard(range(total), world_size, rank)) for rank in range(world_size)]
             assert sum(shares, []) == list(range(total))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
@@ -141,7 +140,8 @@ def test_shares_of_indices_partition_them():
 def test_sharded_validation_gives_the_descriptors_and_recalls_of_one_process(ranks_outputs, synthetic_dataset):
     args = eval_args(synthetic_dataset)
     val_ds = TestDataset(os.path.join(synthetic_dataset, "val"), image_size=48)
-    recalls, _, descriptors = test.test(args, val_ds, seeded_model(args), return_details=True)
+    tested = recalls_with_flags(args, val_ds, seeded_model(args))
+    recalls, descriptors = tested.recalls, tested.descriptors
     assert descriptors.shape == (36, 32) and 0 < recalls[0] < 100  # a real ranking: not all hits, not all misses
     for output in ranks_outputs:
         np.testing.assert_allclose(output["descriptors"], descriptors, rtol=1e-5, atol=1e-6)

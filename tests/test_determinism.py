@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import checkpoints
+from training import checkpoints
 from conftest import tiny_training_args, train_in_process
 from test_resume import assert_identical
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import domain_adaptation
+from training import domain_adaptation
 import parser
 from conftest import REPO_ROOT, run_folders, run_script
 from datasets.image_loading import normalized_batches
@@ -28,7 +28,7 @@ def model_with(freeze_bn_stats, *flags):
     args = parser.parse_arguments("train", ["--dataset_folder", "unused", "--pretrained", "none", "--fc_output_dim",
                                             "32", "--freeze_bn_stats", freeze_bn_stats, *flags])
     torch.manual_seed(0)
-    return network.build_model(args)
+    return network.GeoLocalizationNet(**parser.model_options(args))
 
 
 @pytest.mark.parametrize("freeze_bn_stats", ["none", "frozen_stages", "all"])

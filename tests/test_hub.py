@@ -120,11 +120,11 @@ def test_a_model_for_evaluation_logs_no_training_stages(caplog):
     import parser
     from model import network
     with caplog.at_level(logging.INFO):
-        evaluated = network.build_model(parser.parse_arguments("geolocalize", ["--pretrained", "none"]))
+        evaluated = network.GeoLocalizationNet(**parser.model_options(parser.parse_arguments("geolocalize", ["--pretrained", "none"])))
     assert "stages" not in caplog.text and all(p.requires_grad for p in evaluated.parameters())
     with caplog.at_level(logging.INFO):
-        trained = network.build_model(parser.parse_arguments("train", ["--pretrained", "none",
-                                                                       "--dataset_folder", "d"]))
+        trained = network.GeoLocalizationNet(**parser.model_options(parser.parse_arguments("train", ["--pretrained", "none",
+                                                                       "--dataset_folder", "d"])))
     assert "Backbone: training the last 2 of 5 stages (layer3, layer4)" in caplog.text
     assert [name for name, p in trained.backbone.named_parameters() if p.requires_grad][0].startswith("6.")
 

@@ -12,7 +12,6 @@ import torchvision.transforms.functional as TVF
 from PIL import Image
 
 import make_dataset
-import test as test_module
 from core.errors import UserError
 from datasets import image_loading, normalization
 from datasets.dataset_utils import EXPECTED_FORMAT, DatasetError, format_image_name, parse_image_name, read_utms
@@ -30,7 +29,9 @@ from datasets.image_loading import (
 )
 from datasets.normalization import normalize
 from datasets.test_dataset import TestDataset
-from datasets.train_dataset import cache_key, check_groups, compute_groups, load_groups
+from datasets.listing_cache import cache_key, load_groups
+from datasets.train_dataset import check_groups, compute_groups
+from evaluation.descriptors import compute_descriptors
 
 ORIENTATION = 0x0112
 
@@ -180,7 +181,7 @@ def test_images_are_batched_by_their_resized_size(tmp_path, test_resize, image_s
         Image.fromarray(gradient(width, height, seed=i)).save(paths[-1])
     dataset = ImageListDataset(paths, image_size, test_resize=test_resize)
     assert sorted(map(sorted, batches_by_size(dataset, range(4), batch_size=16))) == expected_batches
-    descriptors = test_module.compute_descriptors(SizeAndMeanModel(), dataset, "cpu", batch_size=16)
+    descriptors = compute_descriptors(SizeAndMeanModel(), dataset, "cpu", batch_size=16)
     for i, path in enumerate(paths):
         image = normalize(load_image_tensor(path, image_size, test_resize).unsqueeze(0))
         expected = SizeAndMeanModel()(image)[0].numpy()

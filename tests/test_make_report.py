@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 import make_report
+from reporting.curves import curve
+from reporting.runs import ReportError, load_run
 
 SETTINGS = {"test_image_size": None, "test_resize": "shorter_side", "faiss_index": "exact", "faiss_options": {},
             "adabn_folder": None, "amp": "none"}
@@ -273,14 +275,13 @@ def test_seeds_reached_by_other_paths_or_made_before_a_flag_existed(tmp_path, ca
 
 def test_curves_average_the_seeds_at_each_step(tmp_path):
     folders = seed_runs(tmp_path / "logs", [80.0, 82.0, 84.0])
-    metrics = [make_report.load_run(folder).metrics for folder in folders]
+    metrics = [load_run(folder).metrics for folder in folders]
     metrics[2] = metrics[2][:2]  # a run still going: the last step has two seeds only
-    losses = make_report.curve(metrics, "loss", "step")
+    losses = curve(metrics, "loss", "step")
     assert [x for x, _, _ in losses] == [100, 200]  # the record of step 0 has no loss yet
     assert losses[0][1:] == pytest.approx((np.mean([8.0, 7.0, 6.0]), np.std([8.0, 7.0, 6.0], ddof=1)))
     assert losses[1][1:] == pytest.approx((np.mean([6.0, 5.0]), np.std([6.0, 5.0], ddof=1)))
-    assert make_report.curve(metrics[:1], "val_R@1", "step") == [(0, 10.0, None), (100, 75.0, None),
-                                                                  (200, 79.0, None)]
+    assert curve(metrics[:1], "val_R@1", "step") == [(0, 10.0, None), (100, 75.0, None), (200, 79.0, None)]
 
 
 def test_curves_for_a_paper_each_panel_alone_chosen_runs_and_names(tmp_path, monkeypatch):
@@ -290,8 +291,8 @@ def test_curves_for_a_paper_each_panel_alone_chosen_runs_and_names(tmp_path, mon
     folders = seed_runs(logs, [80.0, 82.0, 84.0])
     seed_runs(logs, [70.0], first_minute=20, lr=1e-4)
     # "loss" is the classification loss plus the weighted SSL term: the classification loss comes apart
-    metrics = [make_report.load_run(folder).metrics for folder in folders]
-    classification = make_report.curve(metrics, "classification_loss", "step")
+    metrics = [load_run(folder).metrics for folder in folders]
+    classification = curve(metrics, "classification_loss", "step")
     assert classification == [(200, pytest.approx(np.mean([6.0 - 1.0, 5.0 - 2.0, 4.0 - 3.0])),
                                pytest.approx(np.std([5.0, 3.0, 1.0], ddof=1)))]  # only step 200 has an SSL term
     out, _, _ = report(tmp_path, "--aggregate_seeds", "--panels", "val_R@1", "classification_loss", "--curves_of",
@@ -303,9 +304,9 @@ def test_curves_for_a_paper_each_panel_alone_chosen_runs_and_names(tmp_path, mon
     latex = read_text(os.path.join(out, "report.tex"))
     assert r"\input{results_table.tex}" in latex and latex.count(r"\includegraphics") == 2
     assert r"\includegraphics[width=0.7\linewidth]{curves/classification_loss.pdf}" in latex
-    with pytest.raises(make_report.ReportError, match="--panels recall: no such curve; choose among loss, val_R@1"):
+    with pytest.raises(ReportError, match="--panels recall: no such curve; choose among loss, val_R@1"):
         report(tmp_path, "--panels", "recall")
-    with pytest.raises(make_report.ReportError, match="--curves_of resnet: no such experiment"):
+    with pytest.raises(ReportError, match="--curves_of resnet: no such experiment"):
         report(tmp_path, "--curves_of", "resnet")
 
 
@@ -363,10 +364,10 @@ def test_recurring_mistakes_are_pictured_with_night_images_brightened(tmp_path):
 
 
 def test_without_runs(tmp_path):
-    with pytest.raises(make_report.ReportError, match="no such folder"):
+    with pytest.raises(ReportError, match="no such folder"):
         make_report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(make_report.ReportError, match="No run folder"):
+    with pytest.raises(ReportError, match="No run folder"):
         make_report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     # From the command line: one line, exit status 1, and no torch to load
     process = subprocess.run([sys.executable, "make_report.py", str(tmp_path / "missing"), "--out", "r"],

@@ -18,7 +18,7 @@ from sklearn.cluster import KMeans
 import parser
 from conftest import tiny_training_args, train_in_process
 from model import aggregators, backbones
-from model.network import GeoLocalizationNet, build_model
+from model.network import GeoLocalizationNet
 
 BACKBONE_NAMES = ["resnet18", "vgg16", "timm/efficientnet_b0", "vit_tiny_patch16_224"]
 AGGREGATOR_OPTIONS = {"gem": {}, "mixvpr": {"depth": 2, "map_size": 3}, "netvlad": {"clusters": 4},
@@ -256,7 +256,7 @@ def test_aggregator_flags_reach_the_aggregator():
     args = parser.parse_arguments("train", ["--dataset_folder", "unused", "--pretrained", "none", "--fc_output_dim", "64",
                                         "--aggregator", "mixvpr", "--mixvpr_depth", "2", "--mixvpr_out_rows", "2",
                                         "--mixvpr_map_size", "5", "--trainable_stages", "1"])
-    model = build_model(args)
+    model = GeoLocalizationNet(**parser.model_options(args))
     assert len(model.aggregation.mix) == 2 and model.aggregation.row_projection.out_features == 2
     assert model.aggregation.row_projection.in_features == 25
     assert trainable_names(model.backbone) == {n for n, _ in model.backbone.named_parameters() if n.startswith("7.")}

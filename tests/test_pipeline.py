@@ -12,16 +12,17 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-import checkpoints
+from training import checkpoints
 import eval as eval_script
-import faiss_indexes
-import test as test_module
+from evaluation import faiss_indexes
 from conftest import run_folders, run_script, tiny_training_args, train_in_process
 from core import files
 from datasets import test_dataset
 from datasets.dataset_utils import DatasetError, find_queries_folder, format_image_name, parse_image_name
 from datasets.image_loading import batches_by_size
-from datasets.train_dataset import cache_key, compute_groups, get_class_id_and_group_id, load_groups
+from datasets.listing_cache import cache_key, load_groups
+from datasets.train_dataset import compute_groups, get_class_id_and_group_id
+from evaluation.recalls import compute_recalls
 from model import network
 from model.backbones import PretrainedWeightsUnavailable
 
@@ -111,7 +112,7 @@ def test_recalls_against_brute_force():
     from sklearn.neighbors import NearestNeighbors
     positives = NearestNeighbors().fit(database_utms).radius_neighbors(queries_utms, 25, return_distance=False)
     assert (sum(len(p) == 0 for p in positives)) > 0  # queries without positives count as misses
-    recalls = test_module.compute_recalls(predictions, positives, [1, 5, 10, 20])
+    recalls = compute_recalls(predictions, positives, [1, 5, 10, 20])
     expected = brute_force_recalls(database, queries, database_utms, queries_utms, [1, 5, 10, 20])
     np.testing.assert_allclose(recalls, expected)
 
@@ -241,12 +242,13 @@ def test_real_images_train_and_eval_end_to_end(sf_xs_night_mini, tmp_path):
         np.testing.assert_allclose([got["R@1"], got["R@5"], got["R@10"], got["R@20"]], expected, atol=1e-9)
 
 
-def test_every_flag_is_documented_in_the_readme():
+def test_every_flag_is_documented_in_docs_flags():
     import parser
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    flags_page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                                   "flags.md")).read()
     flags = {option for script in parser.SCRIPTS for action in parser.build_parser(script)._actions
              for option in action.option_strings if option.startswith("--") and option != "--help"}
-    undocumented = sorted(flag for flag in flags if f"`{flag}`" not in readme and f"`{flag}," not in readme)
-    assert not undocumented, f"flags missing from the README's flag tables: {undocumented}"
-    assert parser.flag_tables_markdown() in readme, \
-        "the README's flag tables are not those of the parser: regenerate them with parser.flag_tables_markdown()"
+    undocumented = sorted(flag for flag in flags if f"`{flag}`" not in flags_page and f"`{flag}," not in flags_page)
+    assert not undocumented, f"flags missing from the flag tables of docs/flags.md: {undocumented}"
+    assert parser.flag_tables_markdown() in flags_page, \
+        "docs/flags.md's flag tables are not those of the parser: regenerate them with parser.flag_tables_markdown()"

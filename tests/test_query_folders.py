@@ -10,9 +10,9 @@ import pytest
 
 import eval as eval_script
 import parser
-import test
 from datasets.dataset_utils import DatasetError
 from datasets.test_dataset import query_folders
+from evaluation import descriptors
 from conftest import run_folders, tiny_training_args, train_in_process
 
 
@@ -62,8 +62,8 @@ def test_query_folders_rule(tokyo_like, tmp_path):
 def test_night_row_equals_the_night_queries_alone(tokyo_like, tmp_path, monkeypatch):
     tokyo, night_only = tokyo_like
     groups = []  # the index groups of each descriptor computation
-    compute = test.compute_descriptors
-    monkeypatch.setattr(test, "compute_descriptors",
+    compute = descriptors.compute_descriptors
+    monkeypatch.setattr(descriptors, "compute_descriptors",
                         lambda *a, **k: groups.append([len(g) for g in k["index_groups"]]) or compute(*a, **k))
     results = evaluate(tokyo, tmp_path)
     assert groups == [[24, 6], [6]]  # the database once, then each query folder
@@ -128,11 +128,11 @@ def test_training_tests_every_query_folder(tokyo_like, synthetic_dataset, tmp_pa
 
 
 def test_make_report_gives_the_night_column_of_a_training_run(tokyo_like, synthetic_dataset, tmp_path):
-    import make_report
+    from reporting.runs import evaluations_of, load_run
     tokyo, _ = tokyo_like
     folder = train_in_process(*tiny_training_args(synthetic_dataset, tmp_path, "--test_set_folder", tokyo,
                                                   "--fc_output_dim", "64"))
-    (evaluation,) = make_report.evaluations_of(make_report.load_run(folder))
+    (evaluation,) = evaluations_of(load_run(folder))
     with open(os.path.join(folder, "test_results.json")) as file:
         tested = json.load(file)
     assert evaluation.cells["tokyo_like/test"][0]["R@1"] == tested["R@1"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
+from training import checkpoints
 import commons
 import parser
 from conftest import run_script, tiny_training_args
@@ -31,7 +31,8 @@ from datasets.dataset_utils import (
 )
 from datasets.image_check import check_images, make_image_check
 from datasets.image_loading import ImageLoadError
-from datasets.train_dataset import ClassBatchSampler, TrainDataset, check_groups, load_groups
+from datasets.listing_cache import load_groups
+from datasets.train_dataset import ClassBatchSampler, TrainDataset, check_groups
 from model import network
 
 
@@ -190,21 +191,17 @@ def test_check_images_reports_every_bad_file_or_leaves_them_out(tmp_path, caplog
     assert kept == [p for p in paths if p not in bad]
     assert "Leaving out 3 of 12 images" in caplog.text
     # Left out before the classes are computed: the classes with a bad image now have 2 images, under the minimum
-    args = parser.parse_arguments("train", ["--dataset_folder", str(tmp_path), "--check_images", "--on_bad_image",
-                                            "skip"])
-    groups = load_groups(folder, 10, 30, 5, 2, 3, str(tmp_path / "cache"), image_check=make_image_check(args))
+    groups = load_groups(folder, 10, 30, 5, 2, 3, str(tmp_path / "cache"),
+                         image_check=make_image_check(True, "skip", num_threads=2))
     assert sorted(p for group in groups for c in group for p in c) == sorted(paths[i] for i in (9, 10, 11))
     with pytest.raises(ImageLoadError, match="3 of 3 images cannot be read: .* Remove them$"):
         check_images(sorted(bad), "skip")
 
 
 def test_image_check_flags():
-    args = parser.parse_arguments("train", ["--dataset_folder", "d"])
-    assert make_image_check(args) is None and make_image_check(args, test_set=True) is None
-    args = parser.parse_arguments("train", ["--dataset_folder", "d", "--on_bad_image", "skip"])
-    assert make_image_check(args) is None and make_image_check(args, test_set=True) is not None
-    args = parser.parse_arguments("train", ["--dataset_folder", "d", "--check_images"])
-    assert make_image_check(args) is not None
+    assert make_image_check(False) is None and make_image_check(False, test_set=True) is None
+    assert make_image_check(False, "skip") is None and make_image_check(False, "skip", test_set=True) is not None
+    assert make_image_check(True) is not None
 
 
 def test_bad_training_image_stops_or_is_replaced_by_another_of_its_class(tmp_path, caplog):
@@ -272,7 +269,7 @@ def test_user_errors_are_logged_as_one_line_with_the_traceback_in_debug_log(tmp_
 
 def test_bad_checkpoints_are_named_with_what_is_wrong(tmp_path):
     args = parser.parse_arguments("train", ["--dataset_folder", "d", "--pretrained", "none"])
-    model = network.build_model(args)
+    model = network.GeoLocalizationNet(**parser.model_options(args))
     with pytest.raises(checkpoints.CheckpointError, match=f"{tmp_path / 'missing.pth'}: no such file"):
         checkpoints.load_model_weights(model, str(tmp_path / "missing.pth"))
     (tmp_path / "notes.pth").write_text("not a checkpoint")
@@ -286,8 +283,8 @@ def test_bad_checkpoints_are_named_with_what_is_wrong(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(checkpoints.CheckpointError, match="list.pth is not a model checkpoint: expected a state dict"):
         checkpoints.load_model_weights(model, str(tmp_path / "list.pth"))
-    other_dim = network.build_model(parser.parse_arguments("train", ["--dataset_folder", "d", "--pretrained", "none",
-                                                                  "--fc_output_dim", "64"]))
+    other_dim = network.GeoLocalizationNet(**parser.model_options(parser.parse_arguments("train", ["--dataset_folder", "d", "--pretrained", "none",
+                                                                  "--fc_output_dim", "64"])))
     with pytest.raises(checkpoints.CheckpointError) as error:
         checkpoints.load_model_weights(other_dim, str(tmp_path / "model.pth"))
     assert "does not fit this model (--backbone, --aggregator, --fc_output_dim?)" in str(error.value)

@@ -18,10 +18,10 @@ from PIL.TiffImagePlugin import IFDRational
 
 import analyze_dataset
 import download_datasets
-import faiss_indexes
+from evaluation import descriptors, faiss_indexes
+from evaluation.recalls import compute_recalls
 import geolocalize
 import make_dataset
-import test
 import visualizations
 from conftest import run_script, tiny_training_args, train_in_process
 from datasets.dataset_utils import DatasetError, find_images, parse_image_name, read_utms
@@ -143,7 +143,7 @@ def test_predictions_csv_matches_knn_search(synthetic_dataset, tmp_path):
         distance = np.linalg.norm(dataset.database_utms[prediction] - dataset.queries_utms[query])
         assert float(row["distance_m"]) == pytest.approx(distance, abs=0.005)
         assert (row["correct"] == "1") == (prediction in dataset.get_positives()[query])
-    expected = test.compute_recalls(predictions, dataset.get_positives(), [1, 5])
+    expected = compute_recalls(predictions, dataset.get_positives(), [1, 5])
     assert recalls_from_csv(rows, [1, 5]) == pytest.approx(expected)
     predictions[0, 3:] = -1  # an approximate index that found only 3 neighbours: no row for the missing ones
     rows = read_csv(visualizations.save_predictions_csv(predictions, dataset, str(tmp_path / "partial.csv")))
@@ -191,8 +191,8 @@ def test_geolocalize_database_image_finds_itself(trained_run, synthetic_dataset,
     renamed = str(tmp_path / "my_photo.jpg")  # a photo without a position in its name
     shutil.copy(photo, renamed)
     calls = []  # the datasets whose descriptors are computed
-    compute = test.compute_descriptors
-    monkeypatch.setattr(test, "compute_descriptors", lambda *a, **k: calls.append(a[1]) or compute(*a, **k))
+    compute = descriptors.compute_descriptors
+    monkeypatch.setattr(descriptors, "compute_descriptors", lambda *a, **k: calls.append(a[1]) or compute(*a, **k))
     argv = ["--resume_model", os.path.join(trained_run, "last_checkpoint.pth"), "--database_folder", database, photo,
             renamed, "--top_k", "3", "--device", "cpu", "--num_workers", "0",
             "--descriptors_cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]

@@ -1,8 +1,7 @@
-"""Re-ranking the top-K by local feature matching (reranking.py, test.rerank_test, eval.py --rerank): a constructed
+"""Re-ranking the top-K by local feature matching (reranking/, eval.py --rerank): a constructed
 case it must solve, orders and recalls checked against computations of their own, the local features cache, the
 results file, and the one-line error of a learned matcher whose weights cannot be had."""
 
-import argparse
 import glob
 import json
 import os
@@ -15,11 +14,13 @@ import torch
 from PIL import Image, ImageDraw
 
 import parser
-import reranking
-import test
+from reranking import matchers
 from conftest import run_script, tiny_training_args, train_in_process
 from datasets.dataset_utils import find_images
 from datasets.test_dataset import TestDataset
+from evaluation.settings import RerankSettings
+from reranking.features import feature_store
+from reranking.stage import rerank_test
 
 
 def texture(seed, size=128):
@@ -35,9 +36,8 @@ def texture(seed, size=128):
     return image
 
 
-def rerank_args(cache=None, k=5, method="sift"):
-    return argparse.Namespace(rerank=method, rerank_k=k, rerank_image_size=128, rerank_keypoints=256,
-                              descriptors_cache=cache and str(cache), recall_values=[1, 5, 10, 20])
+def rerank_settings(k=5, method="sift"):
+    return RerankSettings(method, k, image_size=128, keypoints=256)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def constructed_case(tmp_path_factory):
 
 
 def test_sift_moves_the_true_match_from_rank_2_to_rank_1(constructed_case):
-    matcher = reranking.build_matcher("sift", 256)
-    store = test.feature_store(rerank_args(), matcher, constructed_case, "textures")
+    matcher = matchers.build_matcher("sift", 256)
+    store = feature_store(matcher, rerank_settings(), constructed_case, "textures")
     retrieval = np.array([[0, 1, 2, 3]])  # the source at rank 2
-    result = reranking.rerank(matcher, "sift", retrieval, 4, store, store, query_offset=4)
+    result = matchers.rerank(matcher, "sift", retrieval, 4, store, store, query_offset=4)
     assert result.predictions.tolist() == [[1, 0, 2, 3]]  # the source first, the others in their retrieval order
     inliers = result.inliers[0]
     assert inliers[1] >= 10 and max(inliers[[0, 2, 3]]) <= 4, inliers  # verified matches only with the source
@@ -80,14 +80,14 @@ def test_reranked_order_keeps_the_retrieval_order_of_equal_scores_and_sorts_the_
     predictions = np.stack([rng.permutation(50)[:20] for _ in range(30)])
     predictions[3, 15:] = -1  # fewer found (an approximate index): they stay last
     k = 10
-    assert np.array_equal(reranking.reranked_order(predictions, np.zeros((30, k)), k), predictions)
+    assert np.array_equal(matchers.reranked_order(predictions, np.zeros((30, k)), k), predictions)
     scores = rng.integers(0, 4, size=(30, k)).astype(float)  # many ties
-    new = reranking.reranked_order(predictions, scores, k)
+    new = matchers.reranked_order(predictions, scores, k)
     for row, row_scores, new_row in zip(predictions, scores, new):
         by_hand = [row[i] for i in sorted(range(k), key=lambda i: (-row_scores[i], i))]
         assert new_row[:k].tolist() == by_hand and new_row[k:].tolist() == row[k:].tolist()
     padded = np.array([[7, 8, -1, -1]])
-    assert reranking.reranked_order(padded, np.array([[0, 0, 0, 0]]), 4).tolist() == [[7, 8, -1, -1]]
+    assert matchers.reranked_order(padded, np.array([[0, 0, 0, 0]]), 4).tolist() == [[7, 8, -1, -1]]
 
 
 def brute_force_recalls(predictions, positives, recall_values):
@@ -101,8 +101,8 @@ def test_rerank_test_recalls_scores_and_cache(synthetic_dataset, tmp_path):
     predictions = np.stack([rng.permutation(dataset.database_num)[:20] for _ in range(dataset.queries_num)])
     recall_values = [1, 5, 10, 20]
     given_recalls = np.array(brute_force_recalls(predictions, dataset.get_positives(), recall_values))
-    args = rerank_args(tmp_path / "cache", k=5)
-    recalls, new, result = test.rerank_test(args, dataset, predictions, given_recalls)
+    settings, cache = rerank_settings(k=5), str(tmp_path / "cache")
+    recalls, new, result = rerank_test(settings, dataset, predictions, given_recalls, recall_values, cache)
     assert result.features_computed > 0 and result.retrieval_recalls is given_recalls
     assert np.array_equal(new, result.predictions) and np.array_equal(new[:, 5:], predictions[:, 5:])
     assert np.allclose(recalls, brute_force_recalls(new, dataset.get_positives(), recall_values))
@@ -110,14 +110,15 @@ def test_rerank_test_recalls_scores_and_cache(synthetic_dataset, tmp_path):
     # The order is the inlier counts' (ties: retrieval order), and each count is that of its own pair, recomputed
     for row, counts, new_row in zip(predictions, result.inliers, new):
         assert new_row[:5].tolist() == [row[i] for i in sorted(range(5), key=lambda i: (-counts[i], i))]
-    matcher = reranking.build_matcher("sift", 256)
-    fresh = test.feature_store(rerank_args(), matcher, dataset.images_paths, "fresh")  # no cache
+    matcher = matchers.build_matcher("sift", 256)
+    fresh = feature_store(matcher, rerank_settings(), dataset.images_paths, "fresh")  # no cache
     for query_index in (0, 7):
         query_features = fresh[dataset.database_num + query_index]
         by_hand = [matcher.verify(query_features, [fresh[d]])[0][0] for d in predictions[query_index, :5]]
         assert result.inliers[query_index].tolist() == by_hand
     # Second evaluation: every local feature comes from the cache, with the same result
-    recalls_again, new_again, result_again = test.rerank_test(args, dataset, predictions, given_recalls)
+    recalls_again, new_again, result_again = rerank_test(settings, dataset, predictions, given_recalls,
+                                                         recall_values, cache)
     assert result_again.features_computed == 0
     assert np.array_equal(new_again, new) and np.array_equal(result_again.inliers, result.inliers)
 
@@ -181,19 +182,18 @@ def test_learned_matchers_run_and_cache_images_of_two_sizes(name, constructed_ca
     monkeypatch.setattr(lightglue_module, "load_state_dict_from_url", lambda *args, **kwargs: {})  # no weights
     builds = {"DISK": KF.DISK, "LightGlue (DISK)": lambda: KF.LightGlueMatcher("disk"),
               "LoFTR (outdoor)": lambda: KF.LoFTR(pretrained=None)}
-    monkeypatch.setattr(reranking, "pretrained", lambda what, build, rerank_name: builds[what]())
-    reranking.build_matcher.cache_clear()
+    monkeypatch.setattr(matchers, "pretrained", lambda what, build, rerank_name: builds[what]())
+    matchers.build_matcher.cache_clear()
     torch.manual_seed(0)
-    matcher = reranking.build_matcher(name, 64)
-    reranking.build_matcher.cache_clear()  # not the random one for the other tests
+    matcher = matchers.build_matcher(name, 64)
+    matchers.build_matcher.cache_clear()  # not the random one for the other tests
     tall = str(tmp_path / "tall.png")
     Image.open(constructed_case[0]).resize((128, 192)).save(tall)
     paths = [*constructed_case[1:4], tall, constructed_case[4]]
-    args = rerank_args(tmp_path / "cache", method=name)
     results = []
     for _ in range(2):  # computed, then read from the cache
-        store = test.feature_store(args, matcher, paths, "textures")
-        results.append(reranking.rerank(matcher, name, np.array([[0, 1, 2, 3]]), 4, store, store, query_offset=4))
+        store = feature_store(matcher, rerank_settings(method=name), paths, "textures", str(tmp_path / "cache"))
+        results.append(matchers.rerank(matcher, name, np.array([[0, 1, 2, 3]]), 4, store, store, query_offset=4))
     assert results[0].features_computed == 5 and results[1].features_computed == 0
     assert np.array_equal(results[0].inliers, results[1].inliers)
     assert sorted(results[0].predictions[0].tolist()) == [0, 1, 2, 3]
@@ -207,17 +207,17 @@ def test_unavailable_weights_are_one_line_and_fast(online, tmp_path, monkeypatch
         raise RuntimeError("Failed to load weights from all 2 source(s).\nLast error: URLError: <urlopen error "
                            "[Errno -2] Name or service not known>")
     monkeypatch.setattr(loftr_module, "load_state_dict_from_url", download)
-    monkeypatch.setattr(reranking, "internet_reachable", lambda host: online)
+    monkeypatch.setattr(matchers, "internet_reachable", lambda host: online)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    reranking.build_matcher.cache_clear()
+    matchers.build_matcher.cache_clear()
     start = time.perf_counter()
-    with pytest.raises(reranking.WeightsUnavailableError) as error:
-        reranking.build_matcher("loftr", 64)
+    with pytest.raises(matchers.WeightsUnavailableError) as error:
+        matchers.build_matcher("loftr", 64)
     assert time.perf_counter() - start < 10
     message = str(error.value)
     assert "\n" not in message and message.startswith("--rerank loftr: ") and "--rerank sift" in message
     assert str(tmp_path) in message and ("no connection to huggingface.co" in message) != online
-    assert reranking.kornia.core.download._MAX_ATTEMPTS == 3  # kornia's retries restored
+    assert matchers.kornia.core.download._MAX_ATTEMPTS == 3  # kornia's retries restored
 
 
 def test_rerank_flag_is_checked_against_the_registry():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import is_measurement
+from training.checkpoints import is_measurement
 from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args, train_in_process
 from core import files
 

@@ -1,4 +1,4 @@
-"""The start-up that scales to SF-XL (datasets/train_dataset.load_groups): the groups equal a direct computation over
+"""The start-up that scales to SF-XL (datasets/listing_cache.load_groups): the groups equal a direct computation over
 every file of the folder, `<folder>_images_paths.txt` is written and honoured, a cached start lists no file yet any
 file added, removed or renamed is seen, and ClassPaths reads like the lists of paths it replaces."""
 
@@ -13,7 +13,8 @@ import pytest
 
 from datasets import dataset_utils
 from datasets.dataset_utils import format_image_name, read_utms
-from datasets.train_dataset import ClassPaths, TrainDataset, compute_groups, images_paths_file, load_groups
+from datasets.listing_cache import images_paths_file, load_groups
+from datasets.train_dataset import ClassPaths, TrainDataset, compute_groups
 
 PARAMETERS = dict(M=10, alpha=30, N=5, L=2, min_images_per_class=2)
 LONG_AGO_NS = 10 ** 18  # 2001: a tree older than any racy-clock window
@@ -53,7 +54,7 @@ def load(folder, tmp_path, **options):
 def forbid_scans(monkeypatch):
     def scan_images(folder):
         raise AssertionError(f"{folder} was listed")
-    monkeypatch.setattr("datasets.train_dataset.scan_images", scan_images)
+    monkeypatch.setattr("datasets.listing_cache.scan_images", scan_images)
 
 
 def test_groups_equal_a_direct_computation_and_a_cached_start_lists_no_file(tmp_path, monkeypatch):

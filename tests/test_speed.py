@@ -12,10 +12,9 @@ import torch
 import torchvision.transforms.functional as TF
 
 import augmentations
-import faiss_indexes
 import parser
-import test
 from benchmarks import bench
+from conftest import recalls_with_flags
 from datasets import preresize
 from datasets.dataset_utils import find_images
 from datasets.image_loading import (
@@ -29,6 +28,8 @@ from datasets.normalization import normalize
 from datasets.synthetic import generate_dataset
 from datasets.test_dataset import TestDataset
 from datasets.train_dataset import ClassBatchSampler, TrainDataset
+from evaluation import descriptors, faiss_indexes
+from evaluation.recalls import compute_recalls
 from model import network
 
 
@@ -49,7 +50,7 @@ def eval_args(dataset_folder, *extra):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return network.build_model(eval_args("-")).eval()
+    return network.GeoLocalizationNet(**parser.model_options(eval_args("-"))).eval()
 
 
 #### Loading
@@ -154,18 +155,19 @@ def test_batched_random_resized_crop_is_torchvision_resized_crop():
 def test_batched_queries_give_the_recalls_of_one_by_one(synthetic_dataset, model):
     dataset = TestDataset(os.path.join(synthetic_dataset, "val"))
     args = eval_args(synthetic_dataset, "--infer_batch_size", "8")
-    recalls, _, batched = test.test(args, dataset, model, return_details=True)
+    tested = recalls_with_flags(args, dataset, model)
+    recalls, batched = tested.recalls, tested.descriptors
     one_by_one = bench.naive_descriptors(model, dataset, "cpu", batch_size=1, num_workers=0)
     assert np.allclose(batched, one_by_one, atol=1e-4)
     exact = faiss_indexes.knn_search(one_by_one[:dataset.database_num], one_by_one[dataset.database_num:], 20)
-    assert np.array_equal(recalls, test.compute_recalls(exact, dataset.get_positives(), args.recall_values))
+    assert np.array_equal(recalls, compute_recalls(exact, dataset.get_positives(), args.recall_values))
 
 
 def test_frozen_cpu_inference_gives_the_eager_descriptors_at_every_size(synthetic_dataset, model, monkeypatch):
-    monkeypatch.setattr(test, "FREEZE_MIN_PIXELS", 0)
+    monkeypatch.setattr(descriptors, "FREEZE_MIN_PIXELS", 0)
     images = torch.rand(3, 3, 64, 80)
-    frozen = test.inference_forward(model.eval(), "cpu", "none", images, 3)
-    assert isinstance(frozen, test.FrozenForCpu) and frozen.frozen is not None
+    frozen = descriptors.inference_forward(model.eval(), "cpu", "none", images, 3)
+    assert isinstance(frozen, descriptors.FrozenForCpu) and frozen.frozen is not None
     with torch.inference_mode():
         for size in ((64, 80), (48, 96)):  # the size traced, and another one
             batch = torch.rand(3, 3, *size)
@@ -179,7 +181,7 @@ def test_a_model_whose_trace_keeps_a_size_runs_eagerly(monkeypatch):
             return x.reshape(x.shape[0], int(x.shape[1] * x.shape[2] * x.shape[3])).cumsum(1)[:, :8] \
                 + torch.arange(x.shape[3] * 0 + 8)
     model = SizeKeptAsConstant()
-    frozen = test.FrozenForCpu(model, torch.rand(2, 3, 8, 8))
+    frozen = descriptors.FrozenForCpu(model, torch.rand(2, 3, 8, 8))
     with torch.inference_mode():
         for size in ((8, 8), (8, 16)):
             batch = torch.rand(2, 3, *size)
@@ -207,7 +209,7 @@ def test_approximate_evaluation_logs_its_size_and_recall_loss(synthetic_dataset,
     dataset = TestDataset(os.path.join(synthetic_dataset, "val"))
     args = eval_args(synthetic_dataset, "--faiss_index", "ivfpq", "--faiss_pq_m", "16")
     with caplog.at_level(logging.INFO):
-        recalls = test.test(args, dataset, model)
+        recalls = recalls_with_flags(args, dataset, model).recalls
     message = next(r.getMessage() for r in caplog.records if "ivfpq index" in r.getMessage())
     assert "MB" in message and "recall loss (exact - approximate): R@1" in message
     summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FAISS printed")]
@@ -218,21 +220,22 @@ def test_approximate_evaluation_logs_its_size_and_recall_loss(synthetic_dataset,
 def test_descriptors_cache_hits_with_the_same_model_and_misses_otherwise(synthetic_dataset, model, tmp_path,
                                                                        monkeypatch):
     computed = []
-    compute = test.compute_descriptors
-    monkeypatch.setattr(test, "compute_descriptors", lambda *a, **k: computed.append(1) or compute(*a, **k))
+    compute = descriptors.compute_descriptors
+    monkeypatch.setattr(descriptors, "compute_descriptors", lambda *a, **k: computed.append(1) or compute(*a, **k))
     dataset = TestDataset(os.path.join(synthetic_dataset, "val"))
     args = eval_args(synthetic_dataset, "--descriptors_cache", str(tmp_path / "descriptors"))
-    first = test.dataset_descriptors(args, dataset, model)
-    second = test.dataset_descriptors(args, dataset, model)
+    first = descriptors.dataset_descriptors(dataset, model, parser.inference_settings(args))
+    second = descriptors.dataset_descriptors(dataset, model, parser.inference_settings(args))
     assert len(computed) == 1 and np.array_equal(first, second)
-    other_model = network.build_model(eval_args("-")).eval()
+    other_model = network.GeoLocalizationNet(**parser.model_options(eval_args("-"))).eval()
     other_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         other_model.aggregation[-2].bias[0] += 1e-3  # one weight changed
-    test.dataset_descriptors(args, dataset, other_model)
+    descriptors.dataset_descriptors(dataset, other_model, parser.inference_settings(args))
     assert len(computed) == 2
     args.infer_batch_size, args.test_image_size = 4, 48  # the batch size does not matter, the image size does
-    test.dataset_descriptors(args, TestDataset(os.path.join(synthetic_dataset, "val"), image_size=48), model)
+    descriptors.dataset_descriptors(TestDataset(os.path.join(synthetic_dataset, "val"), image_size=48), model,
+                                    parser.inference_settings(args))
     assert len(computed) == 3
     assert len(os.listdir(tmp_path / "descriptors")) == 3
 

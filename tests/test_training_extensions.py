@@ -1,7 +1,6 @@
 """Self-supervised losses, DANN and AdaBN, optimizers and schedulers: unit tests in-process, then a few tiny
 training runs (each covering several of the new flag values) and a resume that must be exact."""
 
-import argparse
 import functools
 import json
 import logging
@@ -15,11 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import augmentations
-import domain_adaptation
-import optimizers
+from training import domain_adaptation
+from training import optimizers
 import parser
-import ssl_losses
-from checkpoints import is_measurement
+from training import ssl_losses
+from training.checkpoints import is_measurement
 from conftest import run_folders, run_script, tiny_training_args, train_in_process
 from core.errors import UserError
 from datasets.image_loading import load_image_tensor
@@ -29,11 +28,6 @@ from datasets.unlabeled_dataset import RandomBatchSampler, UnlabeledDataset, fol
 
 def parse(*flags):
     return parser.parse_arguments("train", argv=["--dataset_folder", "unused", "--image_size", "64", *flags])
-
-
-def parsed_with(name, value):
-    """Parsed defaults with one value the parser itself would refuse (for the registries' own checks)."""
-    return argparse.Namespace(**{**vars(parse()), name: value})
 
 
 #### Self-supervised losses
@@ -61,7 +55,8 @@ def test_supcon_uses_the_class_labels():
 
 def test_ssl_auxiliary_loss_makes_a_second_view_and_weights_the_loss():
     args = parse("--ssl_loss", "ntxent", "--ssl_weight", "0.5")
-    auxiliary = ssl_losses.build_ssl_loss(args, augmentations.TrainAugmentation(args.ssl_augmentations, args))
+    auxiliary = ssl_losses.build_ssl_loss(args.ssl_loss, args.ssl_weight, augmentations.TrainAugmentation(
+        args.ssl_augmentations, parser.augmentation_defaults(args)))
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     views = auxiliary.extra_images(images, step=0)
     assert views.shape == (4, 3, 64, 64) and views.dtype == torch.float32
@@ -69,7 +64,7 @@ def test_ssl_auxiliary_loss_makes_a_second_view_and_weights_the_loss():
     views_descriptors = F.normalize(torch.randn(4, 16))
     unweighted = ssl_losses.SSL_LOSSES["ntxent"]()(descriptors, views_descriptors, torch.arange(4))
     assert auxiliary(descriptors, views_descriptors, torch.arange(4)) == pytest.approx(0.5 * unweighted.item())
-    assert ssl_losses.build_ssl_loss(parse(), None) is None
+    assert ssl_losses.build_ssl_loss("none", 0.5, None) is None
     assert auxiliary.logged_terms(torch.tensor(0.3)) == {"ssl_loss": torch.tensor(0.3)}
 
 
@@ -95,7 +90,8 @@ def test_dann_trains_the_domain_classifier_and_reverses_its_gradient(synthetic_d
     args = parse("--da_target_folder", os.path.join(synthetic_dataset, "test", "queries"), "--batch_size", "4",
                  "--num_workers", "0", "--epochs_num", "2", "--iterations_per_epoch", "5")
     make_target_batches = functools.partial(folder_batches, args.da_target_folder, 64, args.batch_size, args.seed)
-    dann = domain_adaptation.build_dann(args, normalize, 16, make_target_batches)
+    dann = domain_adaptation.build_dann(args.da_target_folder, args.da_weight, normalize, 16,
+                                        args.epochs_num * args.iterations_per_epoch, make_target_batches)
     target_images = dann.extra_images(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), step=5)
     assert target_images.shape == (4, 3, 64, 64)
     assert dann.lambda_ == pytest.approx(domain_adaptation.dann_lambda(0.5))
@@ -114,12 +110,12 @@ def test_dann_logs_its_target_folder_and_refuses_a_missing_one(synthetic_dataset
     """The log shows a wrong or near-empty target folder at once; a missing one is named by its flag."""
     folder = os.path.join(synthetic_dataset, "test", "queries")
     caplog.set_level(logging.INFO)
-    domain_adaptation.build_dann(parse("--da_target_folder", folder), normalize, 16, make_target_batches=None)
+    domain_adaptation.build_dann(folder, 0.1, normalize, 16, 10, make_target_batches=None)
     assert f"DANN: target domain {folder} ({len(os.listdir(folder))} images), weight 0.1" in caplog.messages
     assert len(os.listdir(folder)) == 12  # the fixture's test queries
     missing = str(tmp_path / "missing")
     with pytest.raises(UserError, match=f"^--da_target_folder {missing} does not exist: give a folder") as error:
-        domain_adaptation.build_dann(parse("--da_target_folder", missing), normalize, 16, make_target_batches=None)
+        domain_adaptation.build_dann(missing, 0.1, normalize, 16, 10, make_target_batches=None)
     assert "\n" not in str(error.value)
 
 
@@ -176,7 +172,8 @@ def test_adabn_on_a_single_batch_gives_the_exact_statistics(tmp_path):
 @pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
 def test_each_optimizer_builds_and_steps(name):
     parameter = torch.nn.Parameter(torch.ones(3))
-    optimizer = optimizers.get_optimizer([parameter], 0.1, parse("--optimizer", name, "--weight_decay", "0.01"))
+    optimizer = optimizers.get_optimizer([parameter], 0.1, parser.optimizer_settings(
+        parse("--optimizer", name, "--weight_decay", "0.01")))
     parameter.sum().backward()
     optimizer.step()
     assert parameter.data.lt(1).all()
@@ -188,16 +185,16 @@ def test_unknown_optimizer_and_scheduler_are_refused(capsys):
         with pytest.raises(parser.FlagError, match=f"{flag} {value} is unknown: choose one of"):
             parse(flag, value)
     with pytest.raises(ValueError, match="Unknown --optimizer"):
-        optimizers.get_optimizer([torch.nn.Parameter(torch.ones(1))], 0.1, parsed_with("optimizer", "lion"))
+        optimizers.get_optimizer([torch.nn.Parameter(torch.ones(1))], 0.1, optimizers.OptimizerSettings("lion"))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     with pytest.raises(ValueError, match="Unknown --scheduler"):
-        optimizers.EpochScheduler(optimizer, parsed_with("scheduler", "onecycle"))
+        optimizers.EpochScheduler(optimizer, optimizers.ScheduleSettings("onecycle"))
 
 
 def epoch_lrs(flags, val_recalls, base_lr=0.1):
     """The lr of each epoch, as train.py sets it: one step per epoch after validation."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=base_lr)
-    scheduler = optimizers.EpochScheduler(optimizer, parse(*flags))
+    scheduler = optimizers.EpochScheduler(optimizer, parser.schedule_settings(parse(*flags)))
     lrs = []
     for recall in val_recalls:
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -235,7 +232,7 @@ def test_scheduler_state_resumes_exactly(name):
 
     def make():
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
-        return optimizer, optimizers.EpochScheduler(optimizer, parse(*flags))
+        return optimizer, optimizers.EpochScheduler(optimizer, parser.schedule_settings(parse(*flags)))
 
     optimizer, scheduler = make()
     for recall in recalls[:3]:
@@ -306,7 +303,7 @@ def test_eval_with_adabn(synthetic_dataset, tmp_path):
     import eval
     from model import network
     model_path = str(tmp_path / "model.pth")
-    torch.save(network.build_model(parse("--pretrained", "none")).state_dict(), model_path)
+    torch.save(network.GeoLocalizationNet(**parser.model_options(parse("--pretrained", "none"))).state_dict(), model_path)
     eval.main(["--resume_model", model_path, "--test_set_folder", os.path.join(synthetic_dataset, "test"),
                "--pretrained", "none", "--num_workers", "0", "--device", "cpu", "--logs_root", str(tmp_path / "logs"),
                "--adabn_folder", queries(synthetic_dataset)])

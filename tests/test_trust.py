@@ -10,8 +10,8 @@ import pytest
 
 import eval as eval_script
 import parser
-import test
 from conftest import run_folders, run_script, tiny_training_args
+from evaluation import descriptors
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,9 @@ def test_evaluation_runs_in_fp32_unless_asked(monkeypatch, synthetic_dataset, tr
     args = parser.parse_arguments("train", ["--dataset_folder", synthetic_dataset, "--amp", "fp16"])
     assert args.amp == "fp16" and args.eval_amp == "none"
     used = []
-    monkeypatch.setattr(test, "compute_descriptors", lambda *a, **k: used.append(a[5]) or np.zeros((1, 1)))
-    args.descriptors_cache = None
-    test.dataset_descriptors(args, type("Dataset", (), {"image_size": None, "test_resize": "shorter_side",
-                                                        "dataset_name": "d"})(), None)
+    monkeypatch.setattr(descriptors, "compute_descriptors", lambda *a, **k: used.append(a[5]) or np.zeros((1, 1)))
+    descriptors.dataset_descriptors(type("Dataset", (), {"image_size": None, "test_resize": "shorter_side",
+                                                         "dataset_name": "d"})(), None, parser.inference_settings(args))
     assert used == ["none"]
 
 

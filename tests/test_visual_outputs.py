@@ -5,7 +5,6 @@ preview, checked on their pixels and HTML against expectations computed here."""
 import os
 import re
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ from PIL import Image, ImageFont
 import analyze_dataset
 import preview_augmentations
 import visualizations
+from augmentations import AugmentationDefaults, TrainAugmentation
 from datasets.dataset_utils import find_images
 from datasets.image_loading import load_image_tensor
 from datasets.test_dataset import TestDataset as EvaluationSet  # not named Test*: pytest would collect it
@@ -131,9 +131,9 @@ def find_exact(page, cell):
 def test_augmentations_preview_one_row_each_then_the_chain(tmp_path):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    args = SimpleNamespace(brightness=0.7, contrast=0.7, saturation=0.7, hue=0.5, random_resized_crop=0.5,
-                           image_size=32)
-    path = visualizations.save_augmentations_preview(images, ["grayscale:1", "horizontal_flip:1"], args,
+    defaults = AugmentationDefaults(image_size=32)
+    path = visualizations.save_augmentations_preview(images, ["grayscale:1", "horizontal_flip:1"],
+                                                     lambda specs: TrainAugmentation(specs, defaults),
                                                      str(tmp_path / "preview.png"))
     page = np.asarray(Image.open(path).convert("RGB"))
     originals = images.permute(0, 2, 3, 1).numpy()

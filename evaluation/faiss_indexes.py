@@ -68,14 +68,8 @@ def hnsw_index(descriptors, hnsw_m=32, ef_search=128, **_):
 FAISS_INDEXES = {"exact": exact_index, "ivfpq": ivfpq_index, "hnsw": hnsw_index}
 
 
-def index_options(args):
-    """The --faiss_* flags, as keyword arguments of build_index / knn_search."""
-    return {"kind": args.faiss_index, "nlist": args.faiss_nlist, "nprobe": args.faiss_nprobe,
-            "pq_m": args.faiss_pq_m, "hnsw_m": args.faiss_hnsw_m, "ef_search": args.faiss_ef_search}
-
-
 def options_used(kind, options):
-    """The options of index_options that the builder of kind takes (its named keyword parameters): those that
+    """The options (IndexSettings.options) that the builder of kind takes (its named keyword parameters): those that
     change its results, recorded beside them."""
     parameters = list(inspect.signature(FAISS_INDEXES[kind]).parameters.values())[1:]
     return {p.name: options[p.name] for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}

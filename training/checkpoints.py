@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 import commons
+from training import losses_log
 from core import files
 from core.errors import UserError
 
@@ -90,7 +91,7 @@ class TrainingProgress:
     def add_validation(self, recalls, recall_values, **fields):
         """The record of a validation: fields, the mean of each loss term since the previous record, the val
         recalls; kept in metrics_history. Returns it, and whether its R@1 beats every validation so far."""
-        terms = commons.mean_terms(self.epoch_losses[self.recorded_losses:])
+        terms = losses_log.mean_terms(self.epoch_losses[self.recorded_losses:])
         self.recorded_losses = len(self.epoch_losses)
         record = {**fields, "loss": terms.pop("loss", None), **terms,
                   **{f"val_R@{n}": float(r) for n, r in zip(recall_values, recalls)}}
@@ -132,9 +133,10 @@ def weights_are_finite(modules):
                if t.is_floating_point())
 
 
-def save_training_checkpoint(path, state, progress, args, world_size=1, is_main=True):
+def save_training_checkpoint(path, state, progress, flags, world_size=1, is_main=True):
     """Writes last_checkpoint.pth atomically (a kill at any moment leaves the previous checkpoint or this one): a
-    run resumed from it starts at progress.epoch_num, progress.iteration (set by the training loop). With the RNG
+    run resumed from it starts at progress.epoch_num, progress.iteration (set by the training loop), and flags
+    ({flag: value} of the run) tell what changed when it is resumed with other ones. With the RNG
     states of every process: with DDP every process calls it, the main one writes. Weights that became NaN or
     infinite stop the run instead (TrainingDiverged)."""
     if not weights_are_finite([state.model, *state.classifiers]):
@@ -156,19 +158,20 @@ def save_training_checkpoint(path, state, progress, args, world_size=1, is_main=
         "auxiliary_losses_state_dict": [a.state_dict() for a in state.auxiliary_losses],
         "auxiliary_optimizers_state_dict": [o.state_dict() for o in state.auxiliary_optimizers],
         "schedulers_state_dict": [s.state_dict() for s in state.schedulers],
-        "scaler_state_dict": state.scaler.state_dict(), "rng_states": rng_states, "args": vars(args),
+        "scaler_state_dict": state.scaler.state_dict(), "rng_states": rng_states, "args": flags,
     }, path)
     logging.debug(f"Checkpoint saved: epoch {progress.epoch_num}, iteration {progress.iteration}")
 
 
-def changed_flags(checkpoint_args, args, ignored=("resume_train", "flags_from_checkpoint")):
-    """'--flag old -> new' for every flag of args whose value differs from the checkpoint's run."""
-    return [f"--{k} {v} -> {getattr(args, k)}" for k, v in checkpoint_args.items()
-            if k not in ignored and hasattr(args, k) and getattr(args, k) != v]
+def changed_flags(checkpoint_flags, flags, ignored=("resume_train", "flags_from_checkpoint")):
+    """'--flag old -> new' for every flag of flags ({flag: value}) whose value differs from the checkpoint's run."""
+    return [f"--{k} {v} -> {flags[k]}" for k, v in checkpoint_flags.items()
+            if k not in ignored and k in flags and flags[k] != v]
 
 
-def resume_training(path, state, args, world_size=1, rank=0, output_folder=None):
-    """Loads a training checkpoint into state and this process's RNG states; returns its TrainingProgress. The
+def resume_training(path, state, run_flags, world_size=1, rank=0, output_folder=None):
+    """Loads a training checkpoint into state and this process's RNG states; returns its TrainingProgress (run_flags:
+    {flag: value} of this run, compared with the checkpoint's). The
     run's best_model.pth is copied into output_folder (the final test uses the best model of the whole training).
     A checkpoint of another setup (groups, losses, classifiers) is a CheckpointError saying which flags to fix."""
     checkpoint = read_checkpoint(path)
@@ -181,7 +184,7 @@ def resume_training(path, state, args, world_size=1, rank=0, output_folder=None)
         if len(checkpoint[key]) != len(modules):
             raise CheckpointError(f"{path} has {len(checkpoint[key])} {key.split('_state')[0].replace('_', ' ')}, "
                                   f"this run {len(modules)}: use the same {flags}")
-    changed = changed_flags(checkpoint["args"], args)
+    changed = changed_flags(checkpoint["args"], run_flags)
     if changed:
         logging.warning(f"Flags that differ from the run of {path} (optimizer states, hence learning rates, come "
                         f"from the checkpoint): {', '.join(changed)}")

@@ -84,18 +84,18 @@ class DANN(nn.Module):
         return self.weight * F.binary_cross_entropy_with_logits(logits, domains)
 
 
-def build_dann(args, augmentation, descriptors_dim, make_target_batches):
-    """The DANN auxiliary loss towards --da_target_folder, or None without it; logs the target folder and its
-    number of images (a wrong folder, or one of a few images, shows at once)."""
-    if args.da_target_folder is None:
+def build_dann(target_folder, weight, augmentation, descriptors_dim, total_steps, make_target_batches):
+    """The DANN auxiliary loss towards the target folder (--da_target_folder, --da_weight; its lambda ramps up over
+    total_steps), or None without a folder; logs the target folder and its number of images (a wrong folder, or one
+    of a few images, shows at once)."""
+    if target_folder is None:
         return None
-    if not os.path.isdir(args.da_target_folder):
-        raise DatasetError(f"--da_target_folder {args.da_target_folder} does not exist: give a folder of target "
+    if not os.path.isdir(target_folder):
+        raise DatasetError(f"--da_target_folder {target_folder} does not exist: give a folder of target "
                            f"images (any names, e.g. the night queries of a test set)")
-    logging.info(f"DANN: target domain {args.da_target_folder} ({len(find_images(args.da_target_folder)):,} images), "
-                 f"weight {args.da_weight}")
-    return DANN(args.da_weight, augmentation, descriptors_dim, args.epochs_num * args.iterations_per_epoch,
-                make_target_batches)
+    logging.info(f"DANN: target domain {target_folder} ({len(find_images(target_folder)):,} images), "
+                 f"weight {weight}")
+    return DANN(weight, augmentation, descriptors_dim, total_steps, make_target_batches)
 
 
 @torch.no_grad()

@@ -69,8 +69,8 @@ class SelfSupervisedLoss(nn.Module):
         return self.weight * self.loss(descriptors.float(), view_descriptors.float(), labels)
 
 
-def build_ssl_loss(args, view_augmentation):
-    """The --ssl_loss auxiliary loss (view_augmentation makes the second view), or None with --ssl_loss none."""
-    if args.ssl_loss == "none":
+def build_ssl_loss(name, weight, view_augmentation):
+    """The --ssl_loss auxiliary loss of that weight (view_augmentation makes the second view), or None for none."""
+    if name == "none":
         return None
-    return SelfSupervisedLoss(args.ssl_loss, args.ssl_weight, view_augmentation)
+    return SelfSupervisedLoss(name, weight, view_augmentation)

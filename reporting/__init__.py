@@ -1,0 +1,1 @@
+"""The results of run folders as the tables, curves and recurring mistakes of make_report.py."""

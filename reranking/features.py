@@ -1,0 +1,73 @@
+"""Local features of images for re-ranking, each computed once, when first asked for, and kept in a cache file
+whose name hashes all they depend on (the matcher, the images, the image size and keypoints)."""
+
+import logging
+import os
+
+import numpy as np
+
+from core import files
+from datasets.image_loading import ImageListDataset
+from evaluation.descriptors import cache_file_path
+from reranking.matchers import FEATURES_CACHE_VERSION
+
+
+class FeatureStore:
+    """The local features (reranking.matchers.Matcher.features) of the images of an ImageListDataset (items: uint8 image,
+    index; already resized to the size the matcher sees), each computed at most once, when first asked for; with
+    cache_path, read from and added to that file (an .npz of every field's arrays concatenated, with each image's
+    row counts)."""
+
+    def __init__(self, matcher, images, cache_path=None):
+        self.matcher, self.images, self.cache_path = matcher, images, cache_path
+        self.features = self.read_cache() if cache_path else {}
+        self.computed = 0  # features computed (not read from the cache) by this store
+
+    def read_cache(self):
+        if not os.path.exists(self.cache_path):
+            return {}
+        try:
+            with np.load(self.cache_path) as stored:
+                fields = [key for key in stored.files if key not in ("indices", "version") and
+                          not key.endswith("_counts")]
+                offsets = {field: np.concatenate([[0], np.cumsum(stored[f"{field}_counts"])]) for field in fields}
+                arrays = {field: stored[field] for field in fields}
+                return {int(index): {field: arrays[field][offsets[field][i]: offsets[field][i + 1]]
+                                     for field in fields} for i, index in enumerate(stored["indices"])}
+        except (OSError, ValueError, KeyError, EOFError) as error:
+            logging.warning(f"The local features cache {self.cache_path} cannot be read ({error}): computing them "
+                            f"again")
+            return {}
+
+    def write_cache(self):
+        indices = sorted(self.features)
+        fields = list(self.features[indices[0]])
+        arrays = {field: np.concatenate([self.features[i][field] for i in indices]) for field in fields}
+        counts = {f"{field}_counts": np.array([len(self.features[i][field]) for i in indices]) for field in fields}
+        files.remove_stale_temporary_files(os.path.dirname(os.path.abspath(self.cache_path)))
+        files.atomic_write(self.cache_path, lambda file: np.savez(file, indices=np.array(indices), **arrays, **counts))
+
+    def __getitem__(self, index):
+        return self.get([index])[0]
+
+    def get(self, indices):
+        """The features of the images at indices, computing (and caching) those not known yet."""
+        missing = sorted({int(i) for i in indices} - set(self.features))
+        for index in missing:
+            image = self.images[index][0]
+            self.features[index] = {**self.matcher.features(image), "image_size": np.array(image.shape[1:])}
+        self.computed += len(missing)
+        if missing and self.cache_path:
+            self.write_cache()
+        return [self.features[int(i)] for i in indices]
+
+
+def feature_store(matcher, rerank, paths, name, cache_folder=None):
+    """A FeatureStore of the images at paths as the matcher sees them (rerank: RerankSettings: its image size), cached
+    under cache_folder (keyed by the matcher, the images and the settings) when given."""
+    images = ImageListDataset(paths, rerank.image_size, name=name)
+    flags = {"rerank_image_size": rerank.image_size, "rerank_keypoints": rerank.keypoints,
+             "version": FEATURES_CACHE_VERSION}
+    cache_path = cache_file_path(cache_folder, images, matcher, flags, f"local_features_{rerank.name}",
+                                 "npz") if cache_folder else None
+    return FeatureStore(matcher, images, cache_path)
