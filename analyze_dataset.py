@@ -51,6 +51,15 @@ def build_parser():
     return arguments
 
 
+if __name__ == "__main__":  # --help and flag mistakes are answered here, before the heavy imports below
+    ARGS = exit_on_user_error(parser.parse_arguments, "analyze_dataset", None, build_parser())
+
+from sklearn.neighbors import NearestNeighbors  # noqa: E402
+
+import visualizations  # noqa: E402
+from datasets.train_dataset import compute_groups, get_class_id_and_group_id  # noqa: E402
+
+
 def split_folders(args):
     """{'train': folder, 'val': folder, 'test': folder} for the splits that exist."""
     folders = {}
@@ -93,7 +102,6 @@ def read_dataset(folders, on_bad_name):
 def class_statistics(train, args):
     """The classes of the training split for the given CosPlace parameters, with compute_groups itself: all the
     classes (for the histogram) and the groups train.py will use (classes with enough images)."""
-    from datasets.train_dataset import compute_groups  # imports torch: only once the flags are parsed (fast --help)
     all_groups = compute_groups(train["paths"], train["utms"], train["headings"], args.M, args.alpha, args.N, args.L, 1,
                                 args.groups_order)
     groups = compute_groups(train["paths"], train["utms"], train["headings"], args.M, args.alpha, args.N, args.L,
@@ -115,7 +123,6 @@ def class_statistics(train, args):
 def nearest_database(data, split, threshold):
     """Distance of each query of a test split to its nearest database image, and that image's index."""
     database, queries = data[f"{split}/database"], data[f"{split}/queries"]
-    from sklearn.neighbors import NearestNeighbors  # a second to import: only once the flags are parsed
     distances, indices = NearestNeighbors(n_neighbors=1).fit(database["utms"]).kneighbors(queries["utms"])
     distances, indices = distances[:, 0], indices[:, 0]
     stats = {"queries": len(distances), "database": len(database["paths"]),
@@ -199,8 +206,6 @@ def plot_map(data, path):
 
 def class_samples_image(groups, train, args):
     """Rows of a few images of randomly chosen classes, captioned with their class id (east, north, heading)."""
-    import visualizations  # imports torch: only once the flags are parsed (fast --help)
-    from datasets.train_dataset import get_class_id_and_group_id
     classes = [c for g in groups for c in g]
     rng = np.random.default_rng(args.seed)
     chosen = sorted(rng.choice(len(classes), min(args.sample_classes, len(classes)), replace=False))
@@ -220,7 +225,6 @@ def class_samples_image(groups, train, args):
 
 def query_neighbours_image(data, neighbours, args):
     """For each test split, some queries (evenly spread) next to their nearest database image by UTM."""
-    import visualizations  # imports torch: only once the flags are parsed (fast --help)
     pages = []
     for split, (distances, indices) in neighbours.items():
         queries, database = data[f"{split}/queries"], data[f"{split}/database"]
@@ -316,13 +320,17 @@ def analyze(args):
     return summary
 
 
-def main(argv=None):
-    args = parser.parse_arguments("analyze_dataset", argv, build_parser())
+def report(args):
+    """Writes the report to --out and prints its summary; returns the summary."""
     summary = analyze(args)
     print(markdown_summary(summary))
     print(f"Report written to {args.out}")
     return summary
 
 
+def main(argv=None):
+    return report(parser.parse_arguments("analyze_dataset", argv, build_parser()))
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(report, ARGS)

@@ -1,60 +1,13 @@
-"""Helpers shared by the training and evaluation scripts: logging, seeds and RNG states, devices, memory."""
+"""Helpers shared by the training and evaluation scripts: seeds and RNG states, memory, durations."""
 
 import ctypes
 import ctypes.util
 import logging
-import os
 import random
-import sys
-import traceback
 
 import numpy as np
 import torch
 
-from core.errors import user_error_message
-
-
-def setup_logging(output_folder, console="info", info_filename="info.log", debug_filename="debug.log",
-                  interrupt_message=None):
-    """Logs to output_folder/info.log (info and above), debug.log (everything) and the console.
-    Files are opened in append mode: nothing a user has is ever overwritten."""
-    os.makedirs(output_folder, exist_ok=True)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(logging.DEBUG)
-    formatter = logging.Formatter("%(asctime)s   %(message)s", "%Y-%m-%d %H:%M:%S")
-    for filename, level in ((info_filename, logging.INFO), (debug_filename, logging.DEBUG)):
-        if filename is not None:
-            handler = logging.FileHandler(os.path.join(output_folder, filename), mode="a")
-            handler.setLevel(level)
-            handler.setFormatter(formatter)
-            root.addHandler(handler)
-    if console is not None:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setLevel(getattr(logging, console.upper()))
-        handler.setFormatter(formatter)
-        handler.addFilter(lambda record: not getattr(record, "file_only", False))
-        root.addHandler(handler)
-    for noisy in ("PIL", "matplotlib", "urllib3", "timm", "httpx", "huggingface_hub", "filelock", "torch._dynamo",
-                  "torch._inductor", "torch.fx", "torch._subclasses"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    def log_exception(exc_type, value, tb):
-        """A bug shows its traceback; an error the user can fix shows one clear line (exit code 1), and Ctrl-C
-        one line from interrupt_message() (e.g. how to resume); their tracebacks only go to debug.log."""
-        full_traceback = "".join(traceback.format_exception(exc_type, value, tb))
-        message = user_error_message(value)
-        if isinstance(value, KeyboardInterrupt):
-            message = interrupt_message() if interrupt_message else "interrupted (Ctrl-C)"
-        if message is None:
-            logging.error(full_traceback)
-            return
-        logging.debug(full_traceback, extra={"file_only": True})
-        details = f" (traceback in {os.path.join(output_folder, debug_filename)})" if debug_filename else ""
-        logging.error(f"{'INTERRUPTED' if isinstance(value, KeyboardInterrupt) else 'ERROR'}: {message}{details}")
-    sys.excepthook = log_exception
 
 
 def make_deterministic(seed=0):
@@ -112,14 +65,14 @@ def move_optimizer_to_device(optimizer, device):
                 state[key] = value.to(device)
 
 
-def warn_ineffective_flags(args):
-    """Says once which flags given have no effect on this device, instead of ignoring them silently."""
-    on_cpu = not args.device.startswith("cuda")
-    ineffective = [f"--{flag} {getattr(args, flag)}" for flag in ("amp", "eval_amp")
-                   if on_cpu and getattr(args, flag, "none") != "none"]
-    ineffective += ["--decode_on_gpu"] if on_cpu and getattr(args, "decode_on_gpu", False) else []
-    if ineffective:
-        logging.warning(f"{', '.join(ineffective)}: no effect on the CPU (it runs in fp32, decoding on the CPU)")
+def log_time_left(seconds, first_step, last_step, steps_left):
+    """How long the steps_left remaining iterations of a training should take at the speed of iterations
+    first_step..last_step, which took seconds (validations not counted)."""
+    seconds_per_step = seconds / max(1, last_step - first_step + 1)
+    if steps_left:
+        logging.info(f"{seconds_per_step:.3f} s per iteration over iterations {first_step}-{last_step}: about "
+                     f"{duration_to_str(seconds_per_step * steps_left)} of training left for the {steps_left} "
+                     f"remaining iterations, validations not counted")
 
 
 def duration_to_str(seconds):
@@ -127,33 +80,3 @@ def duration_to_str(seconds):
     if seconds < 100:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
-
-
-def log_arguments(args, output_folder):
-    """The command, every flag, where the outputs go, then log_implicit_settings."""
-    logging.info(" ".join(sys.argv))
-    logging.info(f"Arguments: {args}")
-    logging.info(f"The outputs are being saved in {output_folder}")
-    log_implicit_settings(args)
-
-
-def log_implicit_settings(args):
-    """What was not given as such: the seed drawn for --seed -1, the flags read beside --resume_model, the recipe
-    in force, the flags with no effect on this device."""
-    if getattr(args, "seed_drawn", False):
-        logging.info(f"--seed -1: drew the seed {args.seed} (pass --seed {args.seed} to repeat this run)")
-    for flag, value in args.flags_from_checkpoint.items():
-        logging.info(f"--{flag} {value}: taken from the args.json beside --resume_model {args.resume_model}")
-    if hasattr(args, "recipe"):
-        logging.info(f"Recipe {args.recipe}: BatchNorm statistics frozen: {args.freeze_bn_stats}")
-    warn_ineffective_flags(args)
-
-
-def resume_hint(checkpoint_path, argv=None):
-    """What Ctrl-C prints: the last good checkpoint and the command that continues from it."""
-    if not os.path.exists(checkpoint_path):
-        return f"no checkpoint was written yet ({checkpoint_path}): start the run again"
-    argv = sys.argv if argv is None else argv
-    flags = [a for i, a in enumerate(argv) if "--resume_train" not in (a, argv[i - 1] if i else "")]
-    return (f"the last good checkpoint is {checkpoint_path}; continue with: python {' '.join(flags)} "
-            f"--resume_train {checkpoint_path}")

@@ -16,7 +16,9 @@ queries/ with images) before the dataset is moved into place and marked complete
 skipped, and an interrupted run leaves nothing half-made at the destination, so running the command again is safe.
 """
 
+import gzip
 import json
+import lzma
 import os
 import shutil
 import socket
@@ -24,6 +26,7 @@ import tarfile
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 
 import parser
 from core import files
@@ -118,8 +121,32 @@ def check_archive(path, expected_sha256=None):
         if bad_member is not None:
             raise DownloadError(f"{path}: {bad_member} fails its CRC check: the archive is corrupt, download it again")
     elif not tarfile.is_tarfile(path):
-        raise DownloadError(f"{path} ({os.path.getsize(path)} bytes) is neither a zip nor a tar archive (a web page "
-                            f"returned instead of the file?): pass --url NAME=URL or --archive NAME=PATH")
+        raise DownloadError(not_an_archive(path))
+
+
+# The first bytes of the archives this script extracts: a file that starts as one but cannot be opened is cut short
+ARCHIVE_MAGIC = {b"PK\x03\x04": "zip", b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def truncated_archive_error(path, kind, reason=None):
+    return DownloadError(f"{path} ({os.path.getsize(path)} bytes) is a truncated or corrupt {kind} archive"
+                         + (f" ({reason})" if reason else "") + ": the download was cut short; delete it and "
+                         "download it again (or pass --archive NAME=PATH of a complete copy)")
+
+
+def not_an_archive(path):
+    """Why path, which neither zipfile nor tarfile opens, is not a usable archive: cut short (it starts as one), a
+    web page (it starts as HTML), or another file."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    kind = next((kind for magic, kind in ARCHIVE_MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None or head[257:262] == b"ustar":  # a tar that ends before its first member's data
+        return str(truncated_archive_error(path, kind or "tar"))
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml")):
+        return (f"{path} ({os.path.getsize(path)} bytes) is neither a zip nor a tar archive but a web page (a moved "
+                f"or private link, or a quota page?): delete it, and pass --url NAME=URL or --archive NAME=PATH")
+    return (f"{path} ({os.path.getsize(path)} bytes) is neither a zip nor a tar archive: delete it, and pass "
+            f"--url NAME=URL or --archive NAME=PATH")
 
 
 def extract(path, folder):
@@ -129,8 +156,11 @@ def extract(path, folder):
         return
     if not hasattr(tarfile, "data_filter"):
         raise DownloadError(f"{path}: extracting tar archives safely needs Python >= 3.11.4 (tarfile filters)")
-    with tarfile.open(path) as archive:
-        archive.extractall(folder, filter="data")
+    try:
+        with tarfile.open(path) as archive:
+            archive.extractall(folder, filter="data")
+    except (EOFError, tarfile.ReadError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:  # cut short inside
+        raise truncated_archive_error(path, "tar", f"{type(e).__name__}: {e}") from e
 
 
 def dataset_root(folder, splits):

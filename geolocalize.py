@@ -51,6 +51,38 @@ def build_parser():
     return arguments
 
 
+def parse_arguments(argv=None):
+    """The flags, with geolocalize.py's own checks of the photos and the model."""
+    arguments = build_parser()
+    args = parser.parse_arguments("geolocalize", argv, arguments)
+    if args.resume_model is None:
+        arguments.error("--resume_model is required: the weights of the model (e.g. logs/<run>/best_model.pth)")
+    folders = [photo for photo in args.photos if os.path.isdir(photo)]
+    if folders:
+        arguments.error(f"{', '.join(folders)}: a folder, not a photo: give photo files (the database images go in "
+                        f"--database_folder)")
+    missing = [photo for photo in args.photos if not os.path.exists(photo)]  # a FIFO is refused when read
+    if missing:
+        arguments.error(f"no such photo: {', '.join(missing)}")
+    return args
+
+
+if __name__ == "__main__":  # --help and flag mistakes are answered here, before the heavy imports below
+    ARGS = exit_on_user_error(parse_arguments)
+
+import visualizations  # noqa: E402
+from core import devices  # noqa: E402
+from datasets.dataset_utils import find_images, read_utms  # noqa: E402
+from datasets.image_check import make_image_check  # noqa: E402
+from datasets.image_loading import ImageListDataset  # noqa: E402
+from evaluation import descriptors as extraction  # noqa: E402
+from model import network  # noqa: E402
+from reranking import matchers  # noqa: E402
+from reranking.features import FeatureStore  # noqa: E402
+from retrieval import faiss_indexes  # noqa: E402
+from training import checkpoints  # noqa: E402
+
+
 def latitude_longitude(metadata):
     """(lat, lon) from fields 5/6 of the name, else from the UTM with the zone/letter of fields 3/4, else None."""
     try:
@@ -106,7 +138,6 @@ def geolocalize_photo(photo, predictions, database_paths, database_utms, args, v
 def save_picture(result, args, name, top1_matches=None):
     """<out>/<name>: the photo next to its top-k, captioned with their distance from the photo (when known) or from
     the top-1; with top1_matches (re-ranking's points of the verified matches with the top-1), those below."""
-    import visualizations  # draws with PIL and imports torch: only once the flags are parsed
     tiles = [visualizations.tile(result["photo"], "photo", visualizations.GREY)]
     for item in result["top_k"]:
         if "distance_from_photo_m" in result["top_k"][0]:
@@ -141,15 +172,15 @@ def report(result):
 
 def geolocalize(args):
     """Returns one result per photo (see geolocalize_photo) and writes the pictures and geolocalize.json."""
-    from datasets.dataset_utils import find_images, read_utms  # the heavy imports come after parsing
-    from datasets.image_loading import ImageListDataset
-    from evaluation import faiss_indexes
-    from evaluation.descriptors import compute_descriptors, dataset_descriptors
-    from model import network
-    from reranking import matchers
-    from reranking.features import feature_store
-    from training import checkpoints
-    database_paths, database_utms, _ = read_utms(find_images(args.database_folder), args.on_bad_name)
+    args.device = devices.resolve_device(args.device)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for level, note in parser.implicit_settings(args):
+        logging.log(level, note)
+    # with --on_bad_image skip (or --check_images), the images that cannot be read are left out with a warning
+    image_check = make_image_check(args.check_images, args.on_bad_image, args.num_workers, test_set=True)
+    if image_check is not None:
+        args.photos = image_check(args.photos)  # (an error when none can be read)
+    database_paths, database_utms, _ = read_utms(find_images(args.database_folder, image_check), args.on_bad_name)
     model = network.GeoLocalizationNet(**parser.model_options(args))
     checkpoints.load_model_weights(model, args.resume_model)
     model = model.to(args.device)
@@ -157,11 +188,12 @@ def geolocalize(args):
     database = ImageListDataset(database_paths, args.test_image_size, args.decode_on_gpu,
                                 name=os.path.basename(os.path.normpath(args.database_folder)),
                                 test_resize=args.test_resize)
-    descriptors = dataset_descriptors(database, model, inference)
+    descriptors = extraction.dataset_descriptors(database, model, inference)
     photos = ImageListDataset(args.photos, args.test_image_size, args.decode_on_gpu, name="photos",
                               test_resize=args.test_resize)
-    photos_descriptors = compute_descriptors(model, photos, args.device, args.infer_batch_size, args.num_workers,
-                                             args.eval_amp, args.channels_last, description="photos descriptors")
+    photos_descriptors = extraction.compute_descriptors(model, photos, args.device, args.infer_batch_size,
+                                                        args.num_workers, args.eval_amp, args.channels_last,
+                                                        description="photos descriptors")
     predictions = faiss_indexes.knn_search(descriptors, photos_descriptors,
                                            max(args.top_k, rerank.k) if rerank else args.top_k,
                                            **parser.index_settings(args).options())
@@ -169,8 +201,8 @@ def geolocalize(args):
     if rerank:
         matcher = matchers.build_matcher(rerank.name, rerank.keypoints)
         reranking_result = matchers.rerank(
-            matcher, rerank.name, predictions, rerank.k, feature_store(matcher, rerank, args.photos, "photos"),
-            feature_store(matcher, rerank, database_paths, database.dataset_name, args.descriptors_cache))
+            matcher, rerank.name, predictions, rerank.k, FeatureStore(matcher, rerank, args.photos, "photos"),
+            FeatureStore(matcher, rerank, database_paths, database.dataset_name, args.descriptors_cache))
         logging.info(f"Re-ranked by {rerank.name}@{rerank.k}: {reranking_result.ms_per_query:.0f} ms per photo")
         verified = [dict(zip(row[:rerank.k], counts))
                     for row, counts in zip(predictions, reranking_result.inliers)]
@@ -191,19 +223,7 @@ def geolocalize(args):
     return results
 
 
-def main(argv=None):
-    arguments = build_parser()
-    args = parser.parse_arguments("geolocalize", argv, arguments)
-    if args.resume_model is None:
-        arguments.error("--resume_model is required: the weights of the model (e.g. logs/<run>/best_model.pth)")
-    missing = [photo for photo in args.photos if not os.path.isfile(photo)]
-    if missing:
-        arguments.error(f"no such photo: {', '.join(missing)}")
-    import commons
-    from core import devices
-    args.device = devices.resolve_device(args.device)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commons.log_implicit_settings(args)
+def geolocalize_and_report(args):
     results = geolocalize(args)
     for result in results:
         print(report(result))
@@ -211,5 +231,10 @@ def main(argv=None):
     return results
 
 
+def main(argv=None):
+    """geolocalize.py in Python: main(["--resume_model", ..., "photo.jpg"]) returns the results of the photos."""
+    return geolocalize_and_report(parse_arguments(argv))
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(geolocalize_and_report, ARGS)

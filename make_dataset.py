@@ -25,6 +25,21 @@ import parser
 from core.errors import UserError, exit_on_user_error
 from datasets.dataset_utils import IMAGE_EXTENSIONS, format_image_name
 
+
+def build_parser():
+    arguments = parser.ArgumentParser(description=__doc__)
+    arguments.add_argument("--images", required=True, help="folder of the photos (searched recursively)")
+    arguments.add_argument("--csv", default=None, help="CSV with columns path, latitude, longitude[, heading]")
+    arguments.add_argument("--out", required=True, help="folder of the renamed images (must be empty or new)")
+    arguments.add_argument("--link", action="store_true", help="symlink the photos instead of copying them")
+    return arguments
+
+
+if __name__ == "__main__":  # --help and flag mistakes are answered here, before the heavy imports below
+    ARGS = exit_on_user_error(build_parser().parse_args)
+
+from datasets.image_check import image_problem  # noqa: E402
+
 REPORT_NAME = "make_dataset_report.csv"
 
 
@@ -57,7 +72,6 @@ def read_exif(path):
     """(latitude or None, longitude or None, heading or None, 'yyyymm' or '') of a photo; SkipPhoto if unreadable.
     The photo is first decoded by the training loader (EXIF orientation included): a truncated file fails here,
     not when training."""
-    from datasets.image_check import image_problem  # imports torch: only once the flags are parsed (fast --help)
     problem = image_problem(path)
     if problem is not None:
         raise SkipPhoto(f"unreadable ({problem})")
@@ -143,8 +157,10 @@ def make_dataset(images_folder, out_folder, csv_path=None, link=False):
         positions, skipped_rows = read_positions_csv(csv_path, images_folder)
         outcomes += [(where, "", reason) for where, reason in skipped_rows]
         found = {os.path.abspath(p) for p in photos}
-        outcomes += [(path, "", "listed in the CSV but not found under --images") for path in positions
-                     if path not in found]
+        outcomes += [(path, "", f"not an image Pillow can read here (only {', '.join(IMAGE_EXTENSIONS)} files are "
+                                f"used): convert it to JPEG, or drop its CSV row") if os.path.isfile(path) else
+                     (path, "", "listed in the CSV but not found under --images")
+                     for path in positions if path not in found]
     os.makedirs(out_folder, exist_ok=True)
     taken_names = set()
     for photo in photos:
@@ -187,13 +203,7 @@ def summary(outcomes, out_folder):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    arguments = parser.ArgumentParser(description=__doc__)
-    arguments.add_argument("--images", required=True, help="folder of the photos (searched recursively)")
-    arguments.add_argument("--csv", default=None, help="CSV with columns path, latitude, longitude[, heading]")
-    arguments.add_argument("--out", required=True, help="folder of the renamed images (must be empty or new)")
-    arguments.add_argument("--link", action="store_true", help="symlink the photos instead of copying them")
-    args = arguments.parse_args(argv)
+def make_and_summarise(args):
     outcomes = make_dataset(args.images, args.out, args.csv, args.link)
     print(summary(outcomes, args.out))
     if not any(name for _, name, _ in outcomes):
@@ -201,5 +211,9 @@ def main(argv=None):
     return outcomes
 
 
+def main(argv=None):
+    return make_and_summarise(build_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(make_and_summarise, ARGS)

@@ -11,14 +11,50 @@ import argparse
 import os
 import sys
 
-from core import files
 from core.errors import exit_on_user_error
 from parser import positive_int
-from reporting.curves import curves_markdown, plot_training_curves
-from reporting.failures import failures_markdown
-from reporting.rows import build_rows, columns_of, group_rows, name_groups
-from reporting.runs import ReportError, find_run_folders, load_run
-from reporting.tables import latex_report, latex_table, markdown_table, table_rows, write_csv
+
+
+def build_parser():
+    arguments = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments.add_argument("runs", nargs="+", help="run folders, folders above them, or globs")
+    arguments.add_argument("--out", required=True, help="folder of the tables and the plot (created if needed)")
+    arguments.add_argument("--recall_values", type=positive_int, nargs="+", default=[1, 5],
+                           help="N of the R@N columns (default: 1 5)")
+    arguments.add_argument("--aggregate_seeds", action="store_true",
+                           help="one row (and one curve) of mean +- std over the runs that differ only by --seed")
+    arguments.add_argument("--ignore_flags", nargs="+", default=[], metavar="FLAG",
+                           help="flags whose values neither split nor name rows: e.g. one added to the project after "
+                                "some of the runs were made, where it cannot change their results")
+    arguments.add_argument("--panels", nargs="+", metavar="METRIC",
+                           help="the curves to draw, by metrics.jsonl key (default: all): loss, classification_loss, "
+                                "val_R@1, lr, classifiers_lr, ssl_loss, dann_loss, dann_domain_accuracy")
+    arguments.add_argument("--curves_of", nargs="+", metavar="EXPERIMENT",
+                           help="the experiments whose curves are drawn, by their name in the table (default: all)")
+    arguments.add_argument("--legend", nargs="+", default=[], metavar="EXPERIMENT=NAME",
+                           help="the name of an experiment in the curves' legend")
+    return arguments
+
+
+def parse_arguments(argv=None):
+    """The flags, with --legend read into args.legend_names."""
+    arguments = build_parser()
+    args = arguments.parse_args(argv)
+    args.legend_names = dict(item.rsplit("=", 1) for item in args.legend if "=" in item)
+    if len(args.legend_names) != len(args.legend):
+        arguments.error(f"--legend takes EXPERIMENT=NAME items, got {' '.join(args.legend)}")
+    return args
+
+
+if __name__ == "__main__":  # --help and flag mistakes are answered here, before the heavy imports below
+    ARGS = exit_on_user_error(parse_arguments)
+
+from core import files  # noqa: E402
+from reporting.curves import curves_markdown, plot_training_curves  # noqa: E402
+from reporting.failures import failures_markdown  # noqa: E402
+from reporting.rows import build_rows, columns_of, group_rows, name_groups  # noqa: E402
+from reporting.runs import ReportError, find_run_folders, load_run  # noqa: E402
+from reporting.tables import latex_report, latex_table, markdown_table, table_rows, write_csv  # noqa: E402
 
 
 def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=False, ignored_flags=(), panel_keys=None,
@@ -58,33 +94,16 @@ def make_report(patterns, out_folder, recall_values=(1, 5), aggregate_seeds=Fals
     return markdown, table
 
 
-def main(argv=None):
-    arguments = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments.add_argument("runs", nargs="+", help="run folders, folders above them, or globs")
-    arguments.add_argument("--out", required=True, help="folder of the tables and the plot (created if needed)")
-    arguments.add_argument("--recall_values", type=positive_int, nargs="+", default=[1, 5],
-                           help="N of the R@N columns (default: 1 5)")
-    arguments.add_argument("--aggregate_seeds", action="store_true",
-                           help="one row (and one curve) of mean +- std over the runs that differ only by --seed")
-    arguments.add_argument("--ignore_flags", nargs="+", default=[], metavar="FLAG",
-                           help="flags whose values neither split nor name rows: e.g. one added to the project after "
-                                "some of the runs were made, where it cannot change their results")
-    arguments.add_argument("--panels", nargs="+", metavar="METRIC",
-                           help="the curves to draw, by metrics.jsonl key (default: all): loss, classification_loss, "
-                                "val_R@1, lr, classifiers_lr, ssl_loss, dann_loss, dann_domain_accuracy")
-    arguments.add_argument("--curves_of", nargs="+", metavar="EXPERIMENT",
-                           help="the experiments whose curves are drawn, by their name in the table (default: all)")
-    arguments.add_argument("--legend", nargs="+", default=[], metavar="EXPERIMENT=NAME",
-                           help="the name of an experiment in the curves' legend")
-    args = arguments.parse_args(argv)
-    legend_names = dict(item.rsplit("=", 1) for item in args.legend if "=" in item)
-    if len(legend_names) != len(args.legend):
-        arguments.error(f"--legend takes EXPERIMENT=NAME items, got {' '.join(args.legend)}")
+def report(args):
     markdown, _ = make_report(args.runs, args.out, args.recall_values, args.aggregate_seeds, args.ignore_flags,
-                              args.panels, args.curves_of, legend_names)
+                              args.panels, args.curves_of, args.legend_names)
     print(markdown)
     print(f"Tables and curves written to {args.out}")
 
 
+def main(argv=None):
+    report(parse_arguments(argv))
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(report, ARGS)

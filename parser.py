@@ -10,6 +10,7 @@ import argparse
 import ast
 import importlib
 import json
+import logging
 import os
 import secrets
 import sys
@@ -272,7 +273,7 @@ def add_inference_flags(parser):
                             "test flags (never stale): evaluating the same model again skips the extraction")
     group = parser.add_argument_group("Nearest-neighbour search")
     group.add_argument("--faiss_index", default="exact", metavar="NAME",
-                       help=f"kNN index: {names_of('evaluation/faiss_indexes.py', 'FAISS_INDEXES')}: exact, or approximate for "
+                       help=f"kNN index: {names_of('retrieval/faiss_indexes.py', 'FAISS_INDEXES')}: exact, or approximate for "
                             f"databases of millions of images: ivfpq (--faiss_nlist, --faiss_nprobe, --faiss_pq_m) or "
                             f"hnsw (--faiss_hnsw_m, --faiss_ef_search); an approximate index logs its size and its "
                             f"recall loss against exact")
@@ -438,6 +439,9 @@ def read_architecture(parser, args, given, inherited=()):
             run_args = json.load(file)
     except (OSError, ValueError) as error:
         parser.error(f"{args_path} (beside --resume_model) cannot be read ({error}): remove or repair it")
+    if not isinstance(run_args, dict):
+        parser.error(f"{args_path} (beside --resume_model) holds a JSON {type(run_args).__name__}, not the flags of "
+                     f"a run: remove or repair it")
     taken = {}
     for flag in ARCHITECTURE_FLAGS:
         if flag not in run_args:
@@ -487,7 +491,7 @@ REGISTRY_FLAGS = {"optimizer": ("training.optimizers", "OPTIMIZERS", ()),
                   "scheduler": ("training.optimizers", "SCHEDULES", ()),
                   "loss": ("cosface_loss", "MARGIN_HEADS", ()), "aggregator": ("model.aggregators", "AGGREGATORS", ()),
                   "ssl_loss": ("training.ssl_losses", "SSL_LOSSES", ("none",)),
-                  "faiss_index": ("evaluation.faiss_indexes", "FAISS_INDEXES", ()),
+                  "faiss_index": ("retrieval.faiss_indexes", "FAISS_INDEXES", ()),
                   "rerank": ("reranking.matchers", "MATCHERS", ("none",))}
 
 
@@ -520,6 +524,31 @@ def parse_arguments(script="train", argv=None, parser=None):
         if getattr(args, "resume_model", None) else {}
     check_registries(args)
     return args
+
+
+#### What the flags became, logged at the start of a run (core.logs.start_run)
+
+def implicit_settings(args):
+    """What was not given as such, as (logging level, line): the seed drawn for --seed -1, the flags read beside
+    --resume_model, the recipe in force, and once which flags have no effect on this device (instead of ignoring
+    them silently)."""
+    notes = []
+    if getattr(args, "seed_drawn", False):
+        notes.append((logging.INFO, f"--seed -1: drew the seed {args.seed} (pass --seed {args.seed} to repeat this "
+                                    f"run)"))
+    for flag, value in args.flags_from_checkpoint.items():
+        notes.append((logging.INFO, f"--{flag} {value}: taken from the args.json beside --resume_model "
+                                    f"{args.resume_model}"))
+    if hasattr(args, "recipe"):
+        notes.append((logging.INFO, f"Recipe {args.recipe}: BatchNorm statistics frozen: {args.freeze_bn_stats}"))
+    on_cpu = not args.device.startswith("cuda")
+    ineffective = [f"--{flag} {getattr(args, flag)}" for flag in ("amp", "eval_amp")
+                   if on_cpu and getattr(args, flag, "none") != "none"]
+    ineffective += ["--decode_on_gpu"] if on_cpu and getattr(args, "decode_on_gpu", False) else []
+    if ineffective:
+        notes.append((logging.WARNING, f"{', '.join(ineffective)}: no effect on the CPU (it runs in fp32, decoding "
+                                       f"on the CPU)"))
+    return notes
 
 
 #### From flags to settings: the Namespace stops at the scripts, which hand these to the library

@@ -23,12 +23,17 @@ def build_parser():
     return arguments
 
 
-def main(argv=None):
-    args = parser.parse_arguments("preview_augmentations", argv, build_parser())
-    import commons  # the heavy imports come after parsing, so that --help and flag mistakes answer at once
-    import visualizations
-    from augmentations import TrainAugmentation
-    from core import devices
+if __name__ == "__main__":  # --help and flag mistakes are answered here, before the heavy imports below
+    ARGS = exit_on_user_error(parser.parse_arguments, "preview_augmentations", None, build_parser())
+
+import commons  # noqa: E402
+import visualizations  # noqa: E402
+from augmentations import TrainAugmentation  # noqa: E402
+from core import devices  # noqa: E402
+
+
+def preview(args):
+    """Writes OUT/augmentations.png; returns its path."""
     commons.make_deterministic(args.seed)
     device = devices.resolve_device(args.device)
     images = visualizations.preview_images(args.train_set_folder, args.num_images, args.image_size).to(device)
@@ -41,5 +46,9 @@ def main(argv=None):
     return path
 
 
+def main(argv=None):
+    return preview(parser.parse_arguments("preview_augmentations", argv, build_parser()))
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(preview, ARGS)

@@ -1,6 +1,6 @@
 """Tests a model on a test set as CosPlace does: descriptors of the database and the queries
 (evaluation/descriptors.py), kNN search with FAISS (exact, or an approximate index for databases of millions of
-images), recall@N (evaluation/recalls.py)."""
+images), recall@N (retrieval/recalls.py)."""
 
 import logging
 import time
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation import faiss_indexes
+from retrieval import faiss_indexes
 from evaluation.descriptors import dataset_descriptors
-from evaluation.recalls import compute_recalls, recalls_to_str
+from retrieval.recalls import compute_recalls, recalls_to_str
 
 
 @dataclass

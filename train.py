@@ -20,7 +20,6 @@ if __name__ == "__main__":  # --help and flag mistakes are answered here, before
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import augmentations  # noqa: E402
@@ -28,19 +27,19 @@ import commons  # noqa: E402
 import cosface_loss  # noqa: E402
 import test  # noqa: E402
 import visualizations  # noqa: E402
-from core import devices, distributed, files  # noqa: E402
+from core import devices, distributed, files, logs  # noqa: E402
 from datasets import preresize, unlabeled_dataset  # noqa: E402
 from datasets.image_check import make_image_check  # noqa: E402
 from datasets.image_loading import images_to_device  # noqa: E402
 from datasets.normalization import normalize  # noqa: E402
-from datasets.test_dataset import TestDataset, query_sets  # noqa: E402
 from datasets.listing_cache import load_groups  # noqa: E402
+from datasets.test_dataset import TestDataset, query_sets  # noqa: E402
 from datasets.train_dataset import TrainDataset, check_groups  # noqa: E402
 from evaluation import results as records  # noqa: E402
-from evaluation.recalls import recalls_to_str  # noqa: E402
 from model import network  # noqa: E402
 from reranking import matchers  # noqa: E402
 from reranking.stage import rerank_test  # noqa: E402
+from retrieval.recalls import recalls_to_str  # noqa: E402
 from training import checkpoints, domain_adaptation, losses_log, optimizers, ssl_losses  # noqa: E402
 
 
@@ -58,6 +57,11 @@ class Run:
     time_estimated: bool = False
 
     @property
+    def memory_format(self):
+        """--channels_last: the memory format of the model and of every batch."""
+        return torch.channels_last if self.args.channels_last else torch.contiguous_format
+
+    @property
     def is_main(self):
         return self.rank == 0
 
@@ -69,28 +73,23 @@ class Run:
 
 
 def start_logging(args, world_size, rank):
-    """The run folder (main process only: None elsewhere) with args.json, and the logging of this process."""
+    """The run folder (main process only: None elsewhere) with args.json, and the logging of this process; the other
+    processes log only their warnings."""
     if rank != 0:  # one line per process for a user error: no traceback from torchrun's exception hook
         logging.basicConfig(level=logging.WARNING)
         sys.excepthook = sys.__excepthook__
         return None
-    output_folder = files.make_output_folder(args.save_dir, args.logs_root)
-    checkpoint_path = os.path.join(output_folder, "last_checkpoint.pth")
-    commons.setup_logging(output_folder, console="debug",
-                          interrupt_message=functools.partial(commons.resume_hint, checkpoint_path))
-    files.atomic_json_dump({**vars(args), "git_commit": files.git_commit(), "command": " ".join(sys.argv),
-                            "world_size": world_size}, os.path.join(output_folder, "args.json"))
-    return output_folder
+    return logs.start_run(args.save_dir, args.logs_root, {**vars(args), "world_size": world_size},
+                          parser.implicit_settings(args), console="debug", resumable=True)
 
 
-def build_model(args):
-    """The network of args on its device, with the weights of --resume_model when given."""
-    model = network.GeoLocalizationNet(**parser.model_options(args))
-    if args.resume_model is not None:
-        logging.info(f"Loading model from {args.resume_model}")
-        checkpoints.load_model_weights(model, args.resume_model)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    return model.to(args.device).to(memory_format=memory_format)
+def build_model(run):
+    """The network of the flags on its device, with the weights of --resume_model when given."""
+    model = network.GeoLocalizationNet(**parser.model_options(run.args))
+    if run.args.resume_model is not None:
+        logging.info(f"Loading model from {run.args.resume_model}")
+        checkpoints.load_model_weights(model, run.args.resume_model)
+    return model.to(run.args.device).to(memory_format=run.memory_format)
 
 
 def test_datasets(args):
@@ -175,9 +174,9 @@ def read_losses(run, pending_losses, progress, progress_bar):
 
 def validate(run, state, val_ds, progress, **epoch_totals):
     """Val recalls of the model at progress's step (with DDP each process extracts its share of the descriptors and
-    all get the recalls), recorded in
-    metrics.jsonl with the mean loss terms since the previous record, the training speed and peak memory since then
-    (and epoch_totals), and best_model.pth when R@1 beats every validation so far. Returns the record."""
+    all get the recalls), recorded in metrics.jsonl with the mean loss terms since the previous record, the training
+    speed and peak memory since then (and epoch_totals), and best_model.pth when R@1 beats every validation so far.
+    Returns the record."""
     args, model = run.args, state.model
     steps_done = progress.epoch_num * args.iterations_per_epoch + progress.iteration
     images_per_s = (steps_done - run.clock_steps) * args.batch_size * run.world_size / (time.time() - run.clock_start)
@@ -204,20 +203,9 @@ def validate(run, state, val_ds, progress, **epoch_totals):
     if run.is_main:
         files.append_jsonl(record, run.path("metrics.jsonl"))
         if is_best:  # before any checkpoint that counts on it
-            files.atomic_torch_save(model.state_dict(), run.path("best_model.pth"))
+            checkpoints.atomic_torch_save(model.state_dict(), run.path("best_model.pth"))
     run.restart_clock(steps_done)
     return record
-
-
-def log_time_estimate(run, steps_done):
-    """Once, at the first read of the losses: how long the rest of the training should take at the speed so far."""
-    args, run.time_estimated = run.args, True
-    seconds_per_step = (time.time() - run.clock_start) / max(1, steps_done - run.clock_steps)
-    steps_left = args.epochs_num * args.iterations_per_epoch - steps_done
-    if steps_left:
-        logging.info(f"{seconds_per_step:.3f} s per iteration over iterations {run.clock_steps + 1}-{steps_done}: "
-                     f"about {commons.duration_to_str(seconds_per_step * steps_left)} of training left for the "
-                     f"{steps_left} remaining iterations, validations not counted")
 
 
 def train_epoch(run, state, training_module, group, train_augmentation, progress, val_ds):
@@ -226,7 +214,6 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
     --log_every). Returns the training time of the epoch, validations inside it included."""
     args, epoch_start_time = run.args, time.time()
     epoch_num, group_num = progress.epoch_num, progress.epoch_num % args.groups_num
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     optimizers_of_step = (state.model_optimizer, state.classifiers_optimizers[group_num], *state.auxiliary_optimizers)
     dataloader = group.loader(args.batch_size, args.seed, epoch_num, progress.iteration, run.rank, run.world_size,
                               args.num_workers, pin_memory=args.device.startswith("cuda"))
@@ -240,9 +227,9 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
         images = images_to_device(images, args.image_size, args.device)
         targets = targets.to(args.device, non_blocking=True)
         step = epoch_num * args.iterations_per_epoch + iteration
-        auxiliary_images = [loss.extra_images(images, step).contiguous(memory_format=memory_format)
+        auxiliary_images = [loss.extra_images(images, step).contiguous(memory_format=run.memory_format)
                             for loss in state.auxiliary_losses]
-        images = train_augmentation(images).contiguous(memory_format=memory_format)
+        images = train_augmentation(images).contiguous(memory_format=run.memory_format)
         for optimizer in optimizers_of_step:
             optimizer.zero_grad(set_to_none=True)
         with devices.autocast_context(args.device, args.amp):
@@ -259,8 +246,10 @@ def train_epoch(run, state, training_module, group, train_augmentation, progress
         steps_done, epoch_ends = step + 1, iteration + 1 == args.iterations_per_epoch
         if steps_done % args.log_every == 0 or epoch_ends:
             read_losses(run, pending_losses, progress, progress_bar)
-            if not run.time_estimated:
-                log_time_estimate(run, steps_done)
+            if not run.time_estimated:  # once, at the first read of the losses
+                run.time_estimated = True
+                commons.log_time_left(time.time() - run.clock_start, run.clock_steps + 1, steps_done,
+                                      args.epochs_num * args.iterations_per_epoch - steps_done)
         if args.val_every and steps_done % args.val_every == 0 and not epoch_ends:
             read_losses(run, pending_losses, progress, progress_bar)
             validate(run, state, val_ds, progress)
@@ -314,7 +303,7 @@ def test_best_model(run, model, test_sets, progress):
         output_folder = run.output_folder if test_ds is test_sets[0] else \
             run.path(files.label_folder(test_ds.label))  # the first query set's pictures where they always were
         visualizations.save_predictions_report(predictions, test_ds, output_folder, args.num_preds_to_save,
-                                               args.save_only_wrong_preds, title=records.results_title(
+                                               args.save_only_wrong_preds, title=visualizations.results_title(
                                                    test_ds, tested_path, recalls, args.recall_values),
                                                matches=reranked and reranked.top1_matches)
     if run.is_main:
@@ -335,12 +324,11 @@ def main(args):
 
     #### Logging: only the main process writes (logs, checkpoints)
     run = Run(args, world_size, rank, start_logging(args, world_size, rank), start_time)
-    commons.log_arguments(args, run.output_folder)
     commons.make_deterministic(args.seed)
     commons.reuse_freed_memory()
 
     #### Model
-    model = build_model(args)
+    model = build_model(run)
     logging.info(f"There are {torch.cuda.device_count()} GPUs and {os.cpu_count()} CPUs; training on {args.device}"
                  + (f" with {world_size} processes" if world_size > 1 else ""))
 
@@ -360,9 +348,8 @@ def main(args):
         commons.make_deterministic(args.seed + rank)
 
     #### Resume
-    progress = checkpoints.resume_training(args.resume_train, state, vars(args), world_size, rank,
-                                           run.output_folder) \
-        if args.resume_train else checkpoints.TrainingProgress()
+    progress = checkpoints.TrainingProgress() if not args.resume_train else checkpoints.resume_training(
+        args.resume_train, state, vars(args), world_size, rank, run.output_folder)
     for record in progress.metrics_history if run.is_main else ():  # each run folder holds the whole history
         files.append_jsonl(record, run.path("metrics.jsonl"))
 
@@ -404,8 +391,7 @@ def main(args):
             logging.info(f"Removed {run.path('last_checkpoint.pth')}: the training has finished "
                          f"(--no-keep_last_checkpoint)")
         logging.info("Experiment finished (without any errors)")
-    if world_size > 1:
-        dist.destroy_process_group()
+    distributed.end_distributed(world_size)
     return run.output_folder
 
 

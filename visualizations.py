@@ -7,6 +7,7 @@ augmentations:
 
 import csv
 import html
+import logging
 import os
 
 import numpy as np
@@ -281,8 +282,12 @@ def save_predictions_report(predictions, dataset, output_folder, num_preds_to_sa
     os.makedirs(output_folder, exist_ok=True)
     save_predictions_csv(predictions, dataset, os.path.join(output_folder, "predictions.csv"))
     if num_preds_to_save:
-        save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds, matches)
-        save_summary_page(predictions, dataset, output_folder, num_preds_to_save, title=title)
+        try:
+            save_preds(predictions, dataset, output_folder, num_preds_to_save, save_only_wrong_preds, matches)
+            save_summary_page(predictions, dataset, output_folder, num_preds_to_save, title=title)
+        except OSError as error:  # a full disk or a read-only folder: the evaluation's results still count
+            logging.warning(f"The prediction pictures of {dataset.label} are not all written ({error}): "
+                            f"predictions.csv and the recalls are")
 
 
 def to_pil_images(images):
@@ -324,3 +329,10 @@ def preview_images(folder, num_images, image_size):
     paths = find_images(train_folder if os.path.isdir(train_folder) else folder)
     paths = [paths[i * len(paths) // num_images] for i in range(min(num_images, len(paths)))]
     return torch.stack([load_image_tensor(path, image_size) for path in paths])
+
+
+def results_title(dataset, model_path, recalls, recall_values):
+    """'sf_xs/test - logs/.../best_model.pth - R@1 52.0, R@5 66.0': the title of a summary picture (dataset.label:
+    'tokyo_xs/test/night' for a second query folder)."""
+    shown = [f"R@{n} {r:.1f}" for n, r in zip(recall_values, recalls)][:2]
+    return f"{dataset.label} - {model_path or 'untrained model'} - {', '.join(shown)}"

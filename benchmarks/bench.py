@@ -31,11 +31,8 @@ import sys
 import tempfile
 import time
 
-import faiss
 import numpy as np
 import torch
-import torchvision.transforms as T
-from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -46,133 +43,21 @@ import commons  # noqa: E402
 import cosface_loss  # noqa: E402
 import parser  # noqa: E402
 import test  # noqa: E402
+from benchmarks.naive_pipeline import NaiveAugmentation, NaiveTrainDataset, naive_descriptors, naive_retrieval  # noqa: E402
+from benchmarks.timing import synchronize, timed_loop  # noqa: E402
 from core import devices, files  # noqa: E402
 from datasets.image_loading import collate_images, images_to_device  # noqa: E402
-from datasets.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from datasets.synthetic import generate_dataset  # noqa: E402
 from datasets.test_dataset import TestDataset  # noqa: E402
 from datasets.listing_cache import load_groups  # noqa: E402
 from datasets.train_dataset import ClassBatchSampler, TrainDataset  # noqa: E402
-from evaluation import faiss_indexes  # noqa: E402
+from retrieval import faiss_indexes  # noqa: E402
 from evaluation.descriptors import compute_descriptors, dataset_descriptors  # noqa: E402
-from evaluation.recalls import compute_recalls  # noqa: E402
+from retrieval.recalls import compute_recalls  # noqa: E402
 from model import network  # noqa: E402
 
 TRAIN_PLACES, IMAGES_PER_PLACE, TEST_PLACES = 40, 4, 12
 WARMUP_BATCHES = 2  # the first waits for the workers to start
-
-
-#### The naive pipeline (upstream CosPlace), for comparison only
-
-class NaiveTrainDataset(torch.utils.data.Dataset):
-    """Upstream's training items: Pillow full decode, ToTensor (float), at the files' 512 px (upstream
-    asserts that size; its crop brings the images to the training size)."""
-
-    def __init__(self, classes):
-        super().__init__()
-        self.classes = classes
-
-    def __len__(self):
-        return len(self.classes)
-
-    def __getitem__(self, index):
-        class_index, image_index = index
-        image = Image.open(self.classes[class_index][image_index]).convert("RGB")
-        return T.functional.to_tensor(image), class_index
-
-
-class NaiveTestDataset(torch.utils.data.Dataset):
-    """Upstream's test items: Pillow full decode, ToTensor and Normalize per image."""
-
-    def __init__(self, test_dataset):
-        super().__init__()
-        self.images_paths = test_dataset.images_paths
-        self.transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-    def __len__(self):
-        return len(self.images_paths)
-
-    def __getitem__(self, index):
-        return self.transform(Image.open(self.images_paths[index]).convert("RGB")), index
-
-
-class NaiveAugmentation(torch.nn.Module):
-    """Upstream's device augmentation: ColorJitter then RandomResizedCrop, each in a loop over the images."""
-
-    def __init__(self, args):
-        super().__init__()
-        self.color_jitter = T.ColorJitter(args.brightness, args.contrast, args.saturation, args.hue)
-        self.crop = T.RandomResizedCrop([args.image_size, args.image_size], scale=[1 - args.random_resized_crop, 1],
-                                        antialias=True)
-        self.normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-
-    def forward(self, images):
-        images = torch.cat([self.color_jitter(image).unsqueeze(0) for image in images])
-        images = torch.cat([self.crop(image).unsqueeze(0) for image in images])
-        return self.normalize(images)
-
-
-@torch.no_grad()
-def naive_descriptors(model, dataset, device, batch_size, num_workers, database=None, queries=None):
-    """Upstream's extraction: database images in batches, queries one at a time (all, or those indices)."""
-    model = model.eval()
-    descriptors = np.empty((len(dataset), model.fc_output_dim), dtype=np.float32)
-    database = range(dataset.database_num) if database is None else database
-    queries = range(dataset.database_num, len(dataset)) if queries is None else queries
-    parts = [(database, batch_size), (queries, 1)]
-    for indices, part_batch_size in parts:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(NaiveTestDataset(dataset), indices),
-                                             batch_size=part_batch_size, num_workers=num_workers,
-                                             pin_memory=device.startswith("cuda"))
-        for images, batch_indices in loader:
-            descriptors[batch_indices.numpy()] = model(images.to(device)).cpu().numpy()
-    return descriptors
-
-
-def naive_retrieval(database_descriptors, queries_descriptors, positives_per_query, recall_values):
-    """Upstream's kNN: an exact faiss index (its recall loop is evaluation/recalls.compute_recalls' own)."""
-    index = faiss.IndexFlatL2(database_descriptors.shape[1])
-    index.add(database_descriptors)
-    _, predictions = index.search(queries_descriptors, max(recall_values))
-    return compute_recalls(predictions, positives_per_query, recall_values)
-
-
-#### Measurements
-
-def synchronize(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def cpu_seconds(pids):
-    """User + system CPU seconds of this process and of the given child processes (the loader workers)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    total = usage.ru_utime + usage.ru_stime
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as file:
-                fields = file.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):  # not Linux, or the worker ended: counted as 0
-            pass
-    return total
-
-
-def timed_loop(loader, step, iterations, device, batch_size, warmup):
-    """images/s and CPU ms per image of `iterations` steps after `warmup` ones (worker start-up, autotuning)."""
-    iterator = iter(loader)
-    for _ in range(warmup):
-        step(next(iterator))
-    synchronize(device)
-    worker_pids = [w.pid for w in getattr(iterator, "_workers", [])]
-    start_time, start_cpu = time.perf_counter(), cpu_seconds(worker_pids)
-    for _ in range(iterations):
-        step(next(iterator))
-    synchronize(device)
-    elapsed, cpu = time.perf_counter() - start_time, cpu_seconds(worker_pids) - start_cpu
-    del iterator
-    images = iterations * batch_size
-    return {"images_per_s": images / elapsed, "cpu_ms_per_image": cpu / images * 1000}
 
 
 def project_args(config, image_size):

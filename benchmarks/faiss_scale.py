@@ -23,7 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from evaluation import faiss_indexes  # noqa: E402
+from retrieval import faiss_indexes  # noqa: E402
 
 
 def clustered_descriptors(database, queries, dim, places, noise=0.5, seed=0):

@@ -23,7 +23,7 @@ import augmentations  # noqa: E402
 from core import devices  # noqa: E402
 import cosface_loss  # noqa: E402
 import parser  # noqa: E402
-from benchmarks.bench import synchronize  # noqa: E402
+from benchmarks.timing import synchronize  # noqa: E402
 from core import files  # noqa: E402
 from datasets.dataset_utils import find_images  # noqa: E402
 from datasets.image_loading import collate_images, images_to_device, load_encoded_image, load_image_tensor  # noqa: E402

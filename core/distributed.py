@@ -38,6 +38,12 @@ def setup_distributed(device):
     return world_size, rank, resolve_device(device)
 
 
+def end_distributed(world_size):
+    """The counterpart of setup_distributed, at the end of a run."""
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
 MAIN_ONLY_TIMEOUT = datetime.timedelta(hours=12)
 
 

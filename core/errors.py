@@ -23,7 +23,7 @@ def user_error_message(exception):
 
 def exit_on_user_error(main, *args, **kwargs):
     """Runs main; a UserError ends the program with exit status 1 and its one-line message: through the exception
-    hook of commons.setup_logging once a run logs (the traceback goes to its debug.log), else on stderr."""
+    hook of core.logs.setup_logging once a run logs (the traceback goes to its debug.log), else on stderr."""
     try:
         return main(*args, **kwargs)
     except UserError as error:

@@ -53,13 +53,16 @@ def unwritable_error(path, error, previous=None):
         existing = os.path.dirname(existing)
     code = getattr(error, "errno", None)
     kept = f"; the last good file, {previous}, is untouched" if previous and os.path.exists(previous) else ""
-    if code == errno.ENOSPC or shutil.disk_usage(existing).free < DISK_FULL_BYTES:
-        return UnwritableError(f"the disk is full: could not write {path} ({shutil.disk_usage(existing).free >> 20} "
-                               f"MB free in {existing}){kept}; free some space (or choose another --logs_root / "
-                               f"cache folder) and run again")
+    # the errno decides first (a read-only mount may report 0 bytes free); free space only when it names neither
+    # cause (torch's RuntimeError hides it)
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return UnwritableError(f"cannot write {path}: {existing} is read-only or not yours ({os.strerror(code)}){kept};"
                                f" choose another --logs_root / cache folder")
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or \
+            shutil.disk_usage(existing).free < DISK_FULL_BYTES:
+        return UnwritableError(f"the disk is full: could not write {path} ({shutil.disk_usage(existing).free >> 20} "
+                               f"MB free in {existing}){kept}; free some space (or choose another --logs_root / "
+                               f"cache folder) and run again")
     return UnwritableError(f"could not write {path}: {error}{kept}")
 
 
@@ -128,11 +131,6 @@ def process_exists(pid):
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def atomic_torch_save(obj, path):
-    import torch  # here, so that the scripts that never save a tensor do not import torch
-    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def atomic_json_dump(obj, path):

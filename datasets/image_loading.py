@@ -11,6 +11,8 @@ Every path applies the EXIF orientation (phone photos are often stored sideways 
 
 import io
 import logging
+import os
+import stat
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -22,6 +24,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from core import distributed
 from core.errors import UserError
 from datasets.normalization import normalize
 
@@ -33,6 +36,40 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 class ImageLoadError(UserError, OSError):
     """An image file that cannot be decoded, with the file name in the message."""
+
+
+# What Pillow raises for a file that is not an image it can decode (DecompressionBombError: over its pixel limit)
+UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SKIP_HINT = "remove it, or use --on_bad_image skip to skip such files"
+
+
+def unreadable_image_error(path, error):
+    """The ImageLoadError of a file that Pillow failed to read with error (one of UNREADABLE_IMAGE_ERRORS): the
+    one place its message is made, naming the file, the reason and what to do."""
+    if isinstance(error, Image.DecompressionBombError):  # "Image size (N pixels) exceeds limit of M pixels, ..."
+        return ImageLoadError(f"{path}: cannot be read as an image: it is larger than Pillow opens ({error}); "
+                              f"downscale it below {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, or {SKIP_HINT}")
+    try:
+        empty = os.path.getsize(path) == 0
+    except (OSError, TypeError, ValueError):
+        empty = False
+    reason = "an empty file, 0 bytes" if empty else str(error)
+    return ImageLoadError(f"{path}: cannot be read as an image ({reason}); {SKIP_HINT}")
+
+
+def check_regular_file(path):
+    """An ImageLoadError for a path that is not a regular file (a folder, a FIFO, a device...) named like an image:
+    reading a FIFO would wait for a writer forever. A path that does not exist is left to the reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, TypeError, ValueError):
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "not a regular file"
+        reason = OSError(f"{kind}, not a regular file")  # the cause, which --on_bad_image skip's warnings show
+        raise ImageLoadError(f"{path}: {kind}, not an image file; {SKIP_HINT}") from reason
 
 
 def target_size(original_size, size, resize="square"):
@@ -78,6 +115,7 @@ def load_pil_image(path, size=None, resize="square"):
     are decoded at a reduced scale (Pillow draft mode), never below the target size, then resized: this is
     several times faster than decoding at full size. The target size is computed on the upright image, and
     asked of draft mode in the stored (possibly sideways) frame."""
+    check_regular_file(path)
     try:
         image = Image.open(path)
         if size is not None:
@@ -89,9 +127,8 @@ def load_pil_image(path, size=None, resize="square"):
         image = to_rgb(image)
         if size is not None and image.size != size:
             image = image.resize(size, Image.BILINEAR)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{path}: cannot be read as an image ({e}); "
-                             f"remove it, or use --on_bad_image skip to skip such files") from e
+    except UNREADABLE_IMAGE_ERRORS as e:
+        raise unreadable_image_error(path, e) from e
     return image
 
 
@@ -107,11 +144,12 @@ def load_image_tensor(path, size=None, resize="square"):
 def image_size_of(path):
     """(width, height) of the upright image (EXIF orientation applied), read from the file header without
     decoding the pixels (see exif_orientation for PNGs)."""
+    check_regular_file(path)
     try:
         with Image.open(path) as image:
             return image.size[::-1] if exif_orientation(image) in SWAPPING_ORIENTATIONS else image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageLoadError(f"{path}: cannot be read as an image ({e})") from e
+    except UNREADABLE_IMAGE_ERRORS as e:
+        raise unreadable_image_error(path, e) from e
 
 
 #### --decode_on_gpu: the loader workers read the files, the main process decodes whole batches on the device
@@ -152,10 +190,11 @@ def is_upright_jpeg(data):
 def load_encoded_image(path, size=None, resize="square"):
     """The --decode_on_gpu counterpart of load_image_tensor: the file's bytes when it is an upright JPEG, decoded
     by images_to_device; other images (PNG, turned JPEGs) are decoded here, at the requested size."""
+    check_regular_file(path)
     try:
         data = torchvision.io.read_file(path)
     except (OSError, RuntimeError) as e:
-        raise ImageLoadError(f"{path}: cannot be read ({e})") from e
+        raise ImageLoadError(f"{path}: cannot be read ({e}); {SKIP_HINT}") from e
     if not is_upright_jpeg(data):
         return EncodedImage(load_image_tensor(path, size, resize), path)
     return EncodedImage(data, path)
@@ -273,11 +312,14 @@ def own_generator():
     return torch.Generator().manual_seed(0)
 
 
-def normalized_batches(dataset, device, batch_size=16, num_workers=0, indices=None, description="images"):
+def normalized_batches(dataset, device, batch_size=16, num_workers=0, indices=None, description="images", world_size=1,
+                       rank=0):
     """(ImageNet-normalised images on device, their indices) of the dataset's items at indices (all by
-    default), batched by size (batches_by_size), with a progress bar."""
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_by_size(dataset, indices, batch_size),
+    default), batched by size (batches_by_size), with a progress bar. With DDP (world_size > 1), this process's
+    share of them (distributed.shard)."""
+    indices = range(len(dataset)) if indices is None else indices
+    share = list(distributed.shard(indices, world_size, rank))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_by_size(dataset, share, batch_size),
                                          num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
                                          collate_fn=collate_images, generator=own_generator())
     for images, batch_indices in tqdm(loader, ncols=100, desc=description, leave=False):

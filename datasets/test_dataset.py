@@ -31,13 +31,15 @@ def query_folders(dataset_folder, names=None):
                                f"are {', '.join(sorted(os.listdir(dataset_folder)))}")
         return [os.path.join(dataset_folder, name) for name in names]
     if not os.path.isdir(dataset_folder):
-        raise DatasetError(f"Test set folder {dataset_folder} does not exist: a test set holds database/ and queries/")
+        what = "is a file, not a folder" if os.path.exists(dataset_folder) else "does not exist"
+        raise DatasetError(f"Test set folder {dataset_folder} {what}: a test set is a folder that holds database/ "
+                           f"and queries/")
     found = sorted((name for name in os.listdir(dataset_folder) if name != "database"
                     and os.path.isdir(os.path.join(dataset_folder, name))
                     and holds_images(os.path.join(dataset_folder, name))),
                    key=lambda name: (name not in QUERY_FOLDER_NAMES, name))
-    if not found:
-        find_queries_folder(dataset_folder)  # raises the usual error: no queries folder
+    if not found:  # the usual error: no queries folder, or one without images (TestDataset)
+        return [find_queries_folder(dataset_folder)]
     return [os.path.join(dataset_folder, name) for name in found]
 
 

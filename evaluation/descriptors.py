@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from core import distributed, files
 from core.devices import autocast_context
 from datasets.image_loading import normalized_batches
 
-DESCRIPTORS_CACHE_VERSION = 1
+DESCRIPTORS_CACHE_VERSION = 2  # 2: an .npz with the descriptors' checksum
 
 
 FREEZE_MIN_PIXELS = 64 * 512 * 512  # 64 images of 512 px: ~1 s saved with ResNet-18, for 0.2 s of tracing
@@ -51,13 +52,20 @@ class FrozenForCpu:
         return (self.model if self.frozen is None else self.frozen)(images)
 
 
-def inference_forward(model, device, amp, example, images_num):
-    """What computes descriptors: the model itself, or on the CPU in fp32 its frozen form (FrozenForCpu) when the
-    images_num images (of the size of example) are enough work to pay for the tracing."""
-    pixels = example.shape[-2] * example.shape[-1] * images_num
-    if str(device).startswith("cpu") and amp == "none" and pixels >= FREEZE_MIN_PIXELS:
-        return FrozenForCpu(model, example)
-    return model
+class InferenceForward:
+    """What computes descriptors: the model itself, or on the CPU in fp32 its frozen form (FrozenForCpu), chosen at
+    the first batch: frozen when images_num images of its size are enough work to pay for the tracing."""
+
+    def __init__(self, model, device, amp, images_num):
+        self.model, self.device, self.amp, self.images_num = model, device, amp, images_num
+        self.forward = None
+
+    def __call__(self, images):
+        if self.forward is None:
+            pixels = images.shape[-2] * images.shape[-1] * self.images_num
+            frozen = str(self.device).startswith("cpu") and self.amp == "none" and pixels >= FREEZE_MIN_PIXELS
+            self.forward = FrozenForCpu(self.model, images) if frozen else self.model
+        return self.forward(images)
 
 
 @torch.inference_mode()
@@ -66,18 +74,16 @@ def compute_descriptors(model, dataset, device, batch_size=16, num_workers=0, am
     """Descriptors [len(dataset), D] (float32, numpy) of the items at indices (all by default). index_groups: lists
     of indices batched apart (a test set's database, then its queries), so that no image shares a batch with an image
     of another group: a query set's descriptors are then the same whatever database is evaluated with it.
-    With DDP (world_size > 1) each process computes its part of every group (distributed.shard) and every process gets
-    all of them: N GPUs extract about N times faster, and nobody waits minutes in a collective for the main one."""
-    model = model.eval()
-    descriptors, computed, forward = None, [], None
-    groups = [distributed.shard(range(len(dataset)) if group is None else group, world_size, rank)
-              for group in index_groups or [indices]]
+    With DDP (world_size > 1) each process computes its share of every group (normalized_batches) and every process
+    gets all of them: N GPUs extract about N times faster, and nobody waits minutes in a collective for the main one."""
+    groups = index_groups or [range(len(dataset)) if indices is None else indices]
+    forward = InferenceForward(model.eval(), device, amp, -(-sum(map(len, groups)) // world_size))
+    descriptors, computed = None, []
     for group in groups:
-        for images, batch_indices in normalized_batches(dataset, device, batch_size, num_workers, group, description):
+        for images, batch_indices in normalized_batches(dataset, device, batch_size, num_workers, group, description,
+                                                        world_size, rank):
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if forward is None:
-                forward = inference_forward(model, device, amp, images, sum(len(group) for group in groups))
             with autocast_context(device, amp):
                 batch_descriptors = forward(images).float().cpu().numpy()
             if descriptors is None:
@@ -90,7 +96,7 @@ def compute_descriptors(model, dataset, device, batch_size=16, num_workers=0, am
     return descriptors
 
 
-def cache_file_path(cache_folder, dataset, model, flags, kind="descriptors", extension="npy"):
+def cache_file_path(cache_folder, dataset, model, flags, kind="descriptors", extension="npz"):
     """The cache file of a dataset's descriptors (or of what kind names: 'local_features' of a re-ranking matcher).
     Its name hashes all they depend on, so it is never stale: the model (architecture and every weight), the images
     (paths, sizes, modification times) and the inference flags (test image size, amp, ...)."""
@@ -105,18 +111,34 @@ def cache_file_path(cache_folder, dataset, model, flags, kind="descriptors", ext
     return os.path.join(cache_folder, f"{kind}_{dataset.dataset_name}_{digest.hexdigest()[:24]}.{extension}")
 
 
+def write_cached_descriptors(path, descriptors):
+    """The descriptors in the cache file path (.npz), with the SHA-256 of their bytes; a file that cannot be written
+    (read-only, full disk) is a warning: the descriptors are computed, the evaluation goes on without the cache."""
+    checksum = hashlib.sha256(np.ascontiguousarray(descriptors).data).hexdigest()
+    try:
+        files.remove_stale_temporary_files(os.path.dirname(os.path.abspath(path)))  # left by a killed run's write
+        files.atomic_write(path, lambda file: np.savez(file, descriptors=descriptors, sha256=checksum))
+    except files.UnwritableError as error:
+        logging.warning(f"The descriptors cache is not written ({error}): the next evaluation computes them again")
+
+
 def read_cached_descriptors(path, shape):
-    """The descriptors cached in path, or None when there are none; a cache file that is truncated or of another
-    shape (a killed or foreign write) is reported and recomputed, not an error."""
+    """The descriptors cached in path, or None when there are none; a cache file that is truncated, of another
+    shape or whose bytes changed since it was written (a killed or foreign write, a damaged disk) is reported and
+    recomputed, not an error."""
     if not os.path.exists(path):
         return None
     try:
-        descriptors = np.load(path)
-        if descriptors.shape == shape:
+        with np.load(path) as stored:
+            descriptors, checksum = stored["descriptors"], str(stored["sha256"])
+        if descriptors.shape != shape:
+            problem = f"holds {descriptors.shape} descriptors, {shape} expected"
+        elif hashlib.sha256(np.ascontiguousarray(descriptors).data).hexdigest() != checksum:
+            problem = "holds other descriptors than were written (its checksum differs: a damaged file)"
+        else:
             return descriptors
-        problem = f"holds {descriptors.shape} descriptors, {shape} expected"
-    except (OSError, ValueError, EOFError) as error:
-        problem = f"cannot be read ({error})"
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        problem = f"cannot be read ({type(error).__name__}: {error})"
     logging.warning(f"The descriptors cache {path} {problem}: computing them again")
     return None
 
@@ -146,7 +168,6 @@ def dataset_descriptors(dataset, model, inference, database_descriptors=None, wo
     if database_descriptors is not None:
         descriptors[:database_num] = database_descriptors
     if cache_path is not None and rank == 0:
-        files.remove_stale_temporary_files(inference.cache_folder)  # left by a run killed while writing its cache
-        files.atomic_write(cache_path, lambda file: np.save(file, descriptors))
+        write_cached_descriptors(cache_path, descriptors)
         logging.debug(f"{dataset.dataset_name}: descriptors written to the cache {cache_path}")
     return descriptors

@@ -1,10 +1,11 @@
 """The records of an evaluation: its recalls with every setting that changes them, as written to results.json
-(eval.py) and test_results.json (train.py), and the title of its pictures."""
+(eval.py) and test_results.json (train.py)."""
 
 import os
 
 from core import files
-from evaluation import faiss_indexes
+from retrieval import faiss_indexes
+from retrieval.recalls import recalls_record
 
 
 def evaluation_settings(index, amp, test_image_size, test_resize, positive_dist_threshold, adabn_folder=None,
@@ -20,14 +21,6 @@ def evaluation_settings(index, amp, test_image_size, test_resize, positive_dist_
             "positive_dist_threshold": positive_dist_threshold, **(rerank.record() if rerank else {})}
 
 
-def recalls_record(recalls, recall_values, reranked=None):
-    """{'R@N': ...} of a results file; after re-ranking also the retrieval order's, as 'retrieval_R@N'."""
-    record = {f"R@{n}": float(r) for n, r in zip(recall_values, recalls)}
-    if reranked is not None:
-        record.update({f"retrieval_R@{n}": float(r) for n, r in zip(recall_values, reranked.retrieval_recalls)})
-    return record
-
-
 def save_test_results(path, rows, model_path, settings, recall_values):
     """test_results.json of a training run: the model and evaluation settings (evaluation_settings), and of each
     query set (rows: [(dataset, recalls, reranking or None)], the usual queries/ first) its recalls (and those of the
@@ -40,10 +33,3 @@ def save_test_results(path, rows, model_path, settings, recall_values):
     (first, *others) = [(dataset.label, record(dataset, recalls, reranked)) for dataset, recalls, reranked in rows]
     files.atomic_json_dump({**first[1], "model": model_path, "settings": settings,
                             **({"other_query_sets": dict(others)} if others else {})}, path)
-
-
-def results_title(dataset, model_path, recalls, recall_values):
-    """'sf_xs/test - logs/.../best_model.pth - R@1 52.0, R@5 66.0': the title of a summary picture (dataset.label:
-    'tokyo_xs/test/night' for a second query folder)."""
-    shown = [f"R@{n} {r:.1f}" for n, r in zip(recall_values, recalls)][:2]
-    return f"{dataset.label} - {model_path or 'untrained model'} - {', '.join(shown)}"

@@ -83,7 +83,7 @@ def time_local_features(args, matcher_name, test_sets):
     from core.errors import UserError
     from datasets.test_dataset import query_sets
     from reranking import matchers
-    from reranking.features import feature_store
+    from reranking.features import FeatureStore
     eval_args = parser.parse_arguments("eval", ["--test_set_folder", *test_sets, "--pretrained", "none",
                                                 *rerank_flags(args, matcher_name, 1)])
     try:
@@ -93,8 +93,8 @@ def time_local_features(args, matcher_name, test_sets):
     seconds, computed = 0.0, 0
     for folder in test_sets:
         for dataset in query_sets(folder, **parser.test_dataset_options(eval_args)):
-            store = feature_store(matcher, parser.rerank_settings(eval_args), dataset.images_paths,
-                                  dataset.dataset_name, eval_args.descriptors_cache)
+            store = FeatureStore(matcher, parser.rerank_settings(eval_args), dataset.images_paths,
+                                 dataset.dataset_name, eval_args.descriptors_cache)
             start = time.perf_counter()
             store.get(range(len(dataset)))
             seconds += time.perf_counter() - start

@@ -3,6 +3,8 @@
 import math
 import os
 
+from matplotlib.figure import Figure  # the object API draws with Agg and touches no global pyplot state
+
 from core import files
 from reporting.runs import ReportError, best_record
 from reporting.tables import mean_std
@@ -84,7 +86,6 @@ def plot_training_curves(groups, out_folder, panel_keys=None, shown=None, legend
     """training_curves.png: every panel, the legend outside them; and each panel alone, for a paper, as
     curves/<metric>.{png,pdf,svg} (legend inside). Returns the panels drawn."""
     # Imported here, so that --help answers without loading matplotlib
-    from matplotlib.figure import Figure
 
     series, panels = curve_panels(groups, panel_keys, shown)
     legend_names = legend_names or {}

@@ -53,7 +53,7 @@ def failures_markdown(groups, columns, top=10, out_folder=None):
         lines += ["", f"Queries that every model misses: {len(missed)} of {len(queries)}", ""]
         lines += [f"- {query}" for query in missed] + [""]
         if out_folder is not None:
-            import visualizations  # Pillow pictures: only when there are predictions to show
+            import visualizations  # torch and Pillow: only when a gallery is drawn (make_report needs no torch)
             picture = os.path.join(out_folder, "failures", f"{files.label_folder(label)}.jpg")
             caption = f"{title}: recurring wrong top-1 (red), missed by every model (blue)"
             if visualizations.save_failure_gallery(wrong.most_common(top), missed[:2 * top], picture, caption):

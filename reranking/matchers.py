@@ -4,12 +4,13 @@ MATCHERS maps --rerank to a matcher class: "sift" needs nothing but kornia (offl
 pretrained weights, downloaded once into the torch hub cache, and say in one line what to do when they cannot be.
 
 The local features of each image are computed once per evaluation, only for the images that some top-K holds
-(test.FeatureStore), and kept in a cache file when one is given, so that another model or another K reuses them."""
+(reranking/features.FeatureStore), and kept in a cache file when one is given, so that another model or another K reuses them."""
 
 import contextlib
 import functools
 import io
 import os
+import pickle
 import socket
 import time
 import urllib.parse
@@ -64,15 +65,47 @@ def pretrained(what, build, rerank_name):
     host = urllib.parse.urlsplit(kornia.core.download.hf_url("kornia", "weights")).hostname  # kornia's first source
     online = internet_reachable(host)
     checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
+    unloadable = []
     try:
-        with contextlib.nullcontext() if online else quiet_single_attempt_downloads():
+        with contextlib.nullcontext() if online else quiet_single_attempt_downloads(), \
+                failed_cache_files(unloadable):
             return build()
-    except (OSError, RuntimeError) as error:  # kornia wraps the URLError of every source it tried in a RuntimeError
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # kornia wraps what each source
+        # raised in a RuntimeError; a weights file that is in the cache but cannot be loaded is not a missing one
+        damaged = [path for path in dict.fromkeys(unloadable) if os.path.isfile(path)]
+        if damaged:
+            path = damaged[-1]
+            raise WeightsUnavailableError(
+                f"--rerank {rerank_name}: the weights file of {what}, {path} ({os.path.getsize(path)} bytes), is "
+                f"damaged or truncated and cannot be loaded: delete it so that it is downloaded again (with "
+                f"internet), or copy a good copy there from a machine where it was downloaded, or use --rerank "
+                f"sift, which needs no weights") from error
         reason = f"no connection to {host}" if not online else " ".join(str(error).split())[:200]
         raise WeightsUnavailableError(
             f"--rerank {rerank_name}: the pretrained weights of {what} are not in {checkpoints} and cannot be "
             f"downloaded ({reason}): connect to the internet once (they are then kept there), or copy that folder "
-            f"from a machine where they were downloaded, or use --rerank sift, which needs no weights") from None
+            f"from a machine where they were downloaded, or use --rerank sift, which needs no weights") from error
+
+
+@contextlib.contextmanager
+def failed_cache_files(paths):
+    """Appends to paths the cache file of every torch.hub.load_state_dict_from_url call made inside that fails
+    (kornia loads its weights through it once they are in the cache, whatever it does to download them), resolved
+    as torch resolves it: <model_dir or hub dir/checkpoints>/<file_name or the URL's last segment>."""
+    load = torch.hub.load_state_dict_from_url
+
+    def recording_load(url, model_dir=None, *args, **kwargs):
+        try:
+            return load(url, model_dir, *args, **kwargs)
+        except Exception:
+            file_name = kwargs.get("file_name") or os.path.basename(urllib.parse.urlsplit(url).path)
+            paths.append(os.path.join(model_dir or os.path.join(torch.hub.get_dir(), "checkpoints"), file_name))
+            raise
+    torch.hub.load_state_dict_from_url = recording_load
+    try:
+        yield paths
+    finally:
+        torch.hub.load_state_dict_from_url = load
 
 
 def grayscale(image):
@@ -205,9 +238,12 @@ MATCHERS = {"sift": SiftMatcher, "disk_lightglue": DiskLightGlueMatcher, "loftr"
 @functools.lru_cache(maxsize=None)
 def build_matcher(name, max_keypoints):
     """The matcher of --rerank name, built once per process (a script can build it first, so that unavailable
-    weights stop it before any work; the test of each query set then reuses it)."""
+    weights stop it before any work; the test of each query set then reuses it). Built on a fork of the random
+    streams: the layers it initialises before loading its weights draw nothing from the stream the model and the
+    training draw from, so --rerank changes no descriptor and no trained weight."""
     # the name was checked against MATCHERS with the flags (parser.REGISTRY_FLAGS)
-    return MATCHERS[name](max_keypoints).eval()
+    with torch.random.fork_rng(devices=[]):
+        return MATCHERS[name](max_keypoints).eval()
 
 
 def reranked_order(predictions, scores, k):

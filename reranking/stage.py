@@ -3,9 +3,9 @@ query's first K predictions re-ordered by local feature matching, with the recal
 
 import logging
 
-from evaluation.recalls import compute_recalls, recalls_to_str
+from retrieval.recalls import compute_recalls, recalls_to_str
 from reranking import matchers
-from reranking.features import feature_store
+from reranking.features import FeatureStore
 
 
 def rerank_test(rerank, dataset, predictions, recalls, recall_values, cache_folder=None):
@@ -19,7 +19,7 @@ def rerank_test(rerank, dataset, predictions, recalls, recall_values, cache_fold
         logging.warning(f"--rerank_k {rerank.k}: only the {predictions.shape[1]} predictions retrieved (the "
                         f"largest of --recall_values) are re-ranked")
     matcher = matchers.build_matcher(rerank.name, rerank.keypoints)
-    store = feature_store(matcher, rerank, dataset.images_paths, dataset.dataset_name, cache_folder)
+    store = FeatureStore(matcher, rerank, dataset.images_paths, dataset.dataset_name, cache_folder)
     result = matchers.rerank(matcher, rerank.name, predictions, rerank.k, store, store, dataset.database_num)
     result.retrieval_recalls = recalls
     reranked_recalls = compute_recalls(result.predictions, dataset.get_positives(), recall_values)

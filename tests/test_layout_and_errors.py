@@ -20,7 +20,7 @@ SCRIPTS = ["train.py", "eval.py", "geolocalize.py", "analyze_dataset.py", "previ
            "make_report.py", "make_dataset.py", "download_datasets.py"]
 
 
-PACKAGES = ("core", "datasets", "model", "training", "evaluation", "reranking", "reporting")
+PACKAGES = ("core", "datasets", "model", "training", "evaluation", "retrieval", "reranking", "reporting")
 
 
 def project_modules():
@@ -253,7 +253,7 @@ def test_truncated_caches_are_recomputed_with_a_warning(synthetic_dataset, tmp_p
     import numpy as np
 
     from datasets.listing_cache import load_groups
-    from evaluation.descriptors import read_cached_descriptors
+    from evaluation.descriptors import read_cached_descriptors, write_cached_descriptors
     train = os.path.join(synthetic_dataset, "train")
     groups = load_groups(train, 10, 30, 5, 2, 10, str(tmp_path))
     [cache] = glob.glob(str(tmp_path / "groups_*.pt"))
@@ -262,8 +262,8 @@ def test_truncated_caches_are_recomputed_with_a_warning(synthetic_dataset, tmp_p
     with caplog.at_level("WARNING"):
         assert load_groups(train, 10, 30, 5, 2, 10, str(tmp_path)) == groups
     assert f"The class cache {cache} cannot be read" in caplog.text and "computing the classes again" in caplog.text
-    descriptors = tmp_path / "descriptors.npy"
-    np.save(descriptors, np.ones((4, 8), dtype=np.float32))
+    descriptors = tmp_path / "descriptors.npz"
+    write_cached_descriptors(str(descriptors), np.ones((4, 8), dtype=np.float32))
     assert read_cached_descriptors(str(descriptors), (4, 8)).shape == (4, 8)
     with open(descriptors, "r+b") as file:
         file.truncate(100)

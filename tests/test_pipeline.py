@@ -14,7 +14,7 @@ from PIL import Image
 
 from training import checkpoints
 import eval as eval_script
-from evaluation import faiss_indexes
+from retrieval import faiss_indexes
 from conftest import run_folders, run_script, tiny_training_args, train_in_process
 from core import files
 from datasets import test_dataset
@@ -22,7 +22,7 @@ from datasets.dataset_utils import DatasetError, find_queries_folder, format_ima
 from datasets.image_loading import batches_by_size
 from datasets.listing_cache import cache_key, load_groups
 from datasets.train_dataset import compute_groups, get_class_id_and_group_id
-from evaluation.recalls import compute_recalls
+from retrieval.recalls import compute_recalls
 from model import network
 from model.backbones import PretrainedWeightsUnavailable
 

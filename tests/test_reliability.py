@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from training import checkpoints
-import commons
+
 import parser
 from conftest import run_script, tiny_training_args
-from core import errors, files
+from core import errors, files, logs
 from datasets import test_dataset  # not its TestDataset: pytest would try to collect the class
 from datasets.dataset_utils import (
     EXPECTED_FORMAT,
@@ -240,7 +240,7 @@ def test_user_errors_are_logged_as_one_line_with_the_traceback_in_debug_log(tmp_
     previous_hook, root = sys.excepthook, logging.getLogger()
     previous_handlers, previous_level = list(root.handlers), root.level
     try:
-        commons.setup_logging(str(tmp_path), console="debug")
+        logs.setup_logging(str(tmp_path), console="debug")
         try:
             raise DatasetError("/data/train: something the user can fix")
         except DatasetError as error:

@@ -18,8 +18,9 @@ from PIL.TiffImagePlugin import IFDRational
 
 import analyze_dataset
 import download_datasets
-from evaluation import descriptors, faiss_indexes
-from evaluation.recalls import compute_recalls
+from evaluation import descriptors
+from retrieval import faiss_indexes
+from retrieval.recalls import compute_recalls
 import geolocalize
 import make_dataset
 import visualizations

@@ -19,7 +19,7 @@ from conftest import run_script, tiny_training_args, train_in_process
 from datasets.dataset_utils import find_images
 from datasets.test_dataset import TestDataset
 from evaluation.settings import RerankSettings
-from reranking.features import feature_store
+from reranking.features import FeatureStore
 from reranking.stage import rerank_test
 
 
@@ -58,7 +58,7 @@ def constructed_case(tmp_path_factory):
 
 def test_sift_moves_the_true_match_from_rank_2_to_rank_1(constructed_case):
     matcher = matchers.build_matcher("sift", 256)
-    store = feature_store(matcher, rerank_settings(), constructed_case, "textures")
+    store = FeatureStore(matcher, rerank_settings(), constructed_case, "textures")
     retrieval = np.array([[0, 1, 2, 3]])  # the source at rank 2
     result = matchers.rerank(matcher, "sift", retrieval, 4, store, store, query_offset=4)
     assert result.predictions.tolist() == [[1, 0, 2, 3]]  # the source first, the others in their retrieval order
@@ -111,7 +111,7 @@ def test_rerank_test_recalls_scores_and_cache(synthetic_dataset, tmp_path):
     for row, counts, new_row in zip(predictions, result.inliers, new):
         assert new_row[:5].tolist() == [row[i] for i in sorted(range(5), key=lambda i: (-counts[i], i))]
     matcher = matchers.build_matcher("sift", 256)
-    fresh = feature_store(matcher, rerank_settings(), dataset.images_paths, "fresh")  # no cache
+    fresh = FeatureStore(matcher, rerank_settings(), dataset.images_paths, "fresh")  # no cache
     for query_index in (0, 7):
         query_features = fresh[dataset.database_num + query_index]
         by_hand = [matcher.verify(query_features, [fresh[d]])[0][0] for d in predictions[query_index, :5]]
@@ -192,7 +192,7 @@ def test_learned_matchers_run_and_cache_images_of_two_sizes(name, constructed_ca
     paths = [*constructed_case[1:4], tall, constructed_case[4]]
     results = []
     for _ in range(2):  # computed, then read from the cache
-        store = feature_store(matcher, rerank_settings(method=name), paths, "textures", str(tmp_path / "cache"))
+        store = FeatureStore(matcher, rerank_settings(method=name), paths, "textures", str(tmp_path / "cache"))
         results.append(matchers.rerank(matcher, name, np.array([[0, 1, 2, 3]]), 4, store, store, query_offset=4))
     assert results[0].features_computed == 5 and results[1].features_computed == 0
     assert np.array_equal(results[0].inliers, results[1].inliers)

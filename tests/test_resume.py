@@ -18,7 +18,6 @@ import torch
 
 from training.checkpoints import is_measurement
 from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args, train_in_process
-from core import files
 
 RUN_FLAGS = ("--epochs_num", "2", "--iterations_per_epoch", "4", "--checkpoint_every", "2", "--image_size", "32",
              "--test_image_size", "32", "--val_every", "3")  # validations at steps 0, 3, 4 (epoch end), 6, 8
@@ -165,10 +164,9 @@ WRITER = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import commons
-from core import files
+from training import checkpoints
 for version in range(1, 10 ** 6):
-    files.atomic_torch_save({"version": version, "data": torch.full((2_000_000,), float(version))}, sys.argv[2])
+    checkpoints.atomic_torch_save({"version": version, "data": torch.full((2_000_000,), float(version))}, sys.argv[2])
     print(version, flush=True)
 """
 

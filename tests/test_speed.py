@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 
 import augmentations
 import parser
-from benchmarks import bench
+from benchmarks import naive_pipeline
 from conftest import recalls_with_flags
 from datasets import preresize
 from datasets.dataset_utils import find_images
@@ -28,8 +28,9 @@ from datasets.normalization import normalize
 from datasets.synthetic import generate_dataset
 from datasets.test_dataset import TestDataset
 from datasets.train_dataset import ClassBatchSampler, TrainDataset
-from evaluation import descriptors, faiss_indexes
-from evaluation.recalls import compute_recalls
+from evaluation import descriptors
+from retrieval import faiss_indexes
+from retrieval.recalls import compute_recalls
 from model import network
 
 
@@ -59,7 +60,7 @@ def model():
 def test_ours_naive_and_byte_paths_load_the_same_training_images(large_images, size):
     paths = find_images(large_images)
     ours = torch.stack([load_image_tensor(path, size) for path in paths]).float() / 255
-    naive_dataset = bench.NaiveTrainDataset([paths])  # full size; upstream's crop at scale 1 is this resize
+    naive_dataset = naive_pipeline.NaiveTrainDataset([paths])  # full size; upstream's crop at scale 1 is this resize
     naive = torch.stack([naive_dataset[(0, i)][0] for i in range(len(paths))])
     naive = naive if size == 160 else TF.resize(naive, [size, size], antialias=True)
     encoded, _ = collate_images([(load_encoded_image(path, size), 0) for path in paths])
@@ -87,7 +88,7 @@ def test_byte_path_through_loader_workers(synthetic_dataset):
 
 def test_test_images_are_normalised_as_upstream(synthetic_dataset):
     dataset = TestDataset(os.path.join(synthetic_dataset, "val"))
-    naive_dataset = bench.NaiveTestDataset(dataset)
+    naive_dataset = naive_pipeline.NaiveTestDataset(dataset)
     for index in (0, len(dataset) - 1):
         ours = normalize(dataset[index][0].unsqueeze(0))[0]
         assert torch.allclose(ours, naive_dataset[index][0], atol=1e-5)
@@ -157,7 +158,7 @@ def test_batched_queries_give_the_recalls_of_one_by_one(synthetic_dataset, model
     args = eval_args(synthetic_dataset, "--infer_batch_size", "8")
     tested = recalls_with_flags(args, dataset, model)
     recalls, batched = tested.recalls, tested.descriptors
-    one_by_one = bench.naive_descriptors(model, dataset, "cpu", batch_size=1, num_workers=0)
+    one_by_one = naive_pipeline.naive_descriptors(model, dataset, "cpu", batch_size=1, num_workers=0)
     assert np.allclose(batched, one_by_one, atol=1e-4)
     exact = faiss_indexes.knn_search(one_by_one[:dataset.database_num], one_by_one[dataset.database_num:], 20)
     assert np.array_equal(recalls, compute_recalls(exact, dataset.get_positives(), args.recall_values))
@@ -166,7 +167,10 @@ def test_batched_queries_give_the_recalls_of_one_by_one(synthetic_dataset, model
 def test_frozen_cpu_inference_gives_the_eager_descriptors_at_every_size(synthetic_dataset, model, monkeypatch):
     monkeypatch.setattr(descriptors, "FREEZE_MIN_PIXELS", 0)
     images = torch.rand(3, 3, 64, 80)
-    frozen = descriptors.inference_forward(model.eval(), "cpu", "none", images, 3)
+    forward = descriptors.InferenceForward(model.eval(), "cpu", "none", 3)
+    with torch.inference_mode():
+        forward(images)  # the first batch chooses
+    frozen = forward.forward
     assert isinstance(frozen, descriptors.FrozenForCpu) and frozen.frozen is not None
     with torch.inference_mode():
         for size in ((64, 80), (48, 96)):  # the size traced, and another one

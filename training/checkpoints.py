@@ -22,6 +22,12 @@ class CheckpointError(UserError, ValueError):
 
 def read_checkpoint(path):
     """Loads a checkpoint file, or raises CheckpointError saying what is wrong with it."""
+    if os.path.isdir(path):
+        inside = [os.path.join(path, name) for name in ("best_model.pth", "last_checkpoint.pth")
+                  if os.path.isfile(os.path.join(path, name))]
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: give the checkpoint file inside it ("
+                              + (" or ".join(inside) if inside else "a run folder holds best_model.pth and "
+                                 "last_checkpoint.pth") + ")")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -127,6 +133,11 @@ class TrainingState:
     scaler: torch.amp.GradScaler
 
 
+def atomic_torch_save(obj, path):
+    """torch.save through files.atomic_write: a kill leaves the previous file or this one, never a truncated one."""
+    files.atomic_write(path, lambda file: torch.save(obj, file))
+
+
 def weights_are_finite(modules):
     """False when a weight of the modules is NaN or infinite (a finite loss can still leave such weights)."""
     return all(bool(torch.isfinite(t).all()) for module in modules for t in module.state_dict().values()
@@ -148,7 +159,7 @@ def save_training_checkpoint(path, state, progress, flags, world_size=1, is_main
         torch.distributed.all_gather_object(rng_states, commons.get_rng_states())
     if not is_main:
         return
-    files.atomic_torch_save({
+    atomic_torch_save({
         "epoch_num": progress.epoch_num, "iteration": progress.iteration,
         "best_val_recall1": progress.best_val_recall1, "epoch_losses": progress.epoch_losses,
         "recorded_losses": progress.recorded_losses, "metrics_history": progress.metrics_history,

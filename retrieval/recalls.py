@@ -18,3 +18,11 @@ def compute_recalls(predictions, positives_per_query, recall_values):
 
 def recalls_to_str(recalls, recall_values):
     return ", ".join(f"R@{n}: {r:.1f}" for n, r in zip(recall_values, recalls))
+
+
+def recalls_record(recalls, recall_values, reranked=None):
+    """{'R@N': ...} of a results file; after re-ranking also the retrieval order's, as 'retrieval_R@N'."""
+    record = {f"R@{n}": float(r) for n, r in zip(recall_values, recalls)}
+    if reranked is not None:
+        record.update({f"retrieval_R@{n}": float(r) for n, r in zip(recall_values, reranked.retrieval_recalls)})
+    return record
