@@ -2,8 +2,8 @@
 resized crops written here for speed, kornia for the others).
 
 `--augmentations` takes a list of `name` or `name:strength`; AUGMENTATIONS maps each name to a constructor
-(strength or None, AugmentationDefaults) -> nn.Module working on float images in [0, 1]. The defaults reproduce CosPlace:
-ColorJitter(0.7, 0.7, 0.7, 0.5) then RandomResizedCrop(image_size, scale=(0.5, 1)). The other augmentations'
+(strength or None, AugmentationDefaults) -> nn.Module working on float images in [0, 1]. The defaults reproduce
+CosPlace: ColorJitter(0.7, 0.7, 0.7, 0.5) then RandomResizedCrop(image_size, scale=(0.5, 1)). The other augmentations'
 defaults follow torchvision's. Random parameters come from torch's global RNG: a fixed seed reproduces them.
 
 Preview (a row per augmentation of the list, then the whole chain): python preview_augmentations.py

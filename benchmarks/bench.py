@@ -43,7 +43,8 @@ import commons  # noqa: E402
 import cosface_loss  # noqa: E402
 import parser  # noqa: E402
 import test  # noqa: E402
-from benchmarks.naive_pipeline import NaiveAugmentation, NaiveTrainDataset, naive_descriptors, naive_retrieval  # noqa: E402
+from benchmarks.naive_pipeline import (NaiveAugmentation, NaiveTrainDataset, naive_descriptors,  # noqa: E402
+                                       naive_retrieval)
 from benchmarks.timing import synchronize, timed_loop  # noqa: E402
 from core import devices, files  # noqa: E402
 from datasets.image_loading import collate_images, images_to_device  # noqa: E402

@@ -1,5 +1,6 @@
-"""Multi-GPU helpers (DistributedDataParallel through torchrun): which process this is (and its device), work done by the main process only, shares of a dataset, and rows or losses gathered across processes.
-With one process (world_size 1) every helper is the plain single-process computation."""
+"""Multi-GPU helpers (DistributedDataParallel through torchrun): which process this is (and its device), work done
+by the main process only, shares of a dataset, and rows or losses gathered across processes. With one process
+(world_size 1) every helper is the plain single-process computation."""
 
 import datetime
 import logging

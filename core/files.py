@@ -11,6 +11,8 @@ import shutil
 import subprocess
 from datetime import datetime
 
+import numpy as np
+
 from core.errors import UserError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +133,27 @@ def process_exists(pid):
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+class ChecksumError(ValueError):
+    """A file whose bytes are not those that were written."""
+
+
+def save_checksummed(path, array):
+    """array (numpy) in the .npz file path, written atomically with the SHA-256 of its bytes (load_checksummed);
+    the temporary files of killed writes in that folder are removed first."""
+    checksum = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+    remove_stale_temporary_files(os.path.dirname(os.path.abspath(path)))
+    atomic_write(path, lambda file: np.savez(file, array=array, sha256=checksum))
+
+
+def load_checksummed(path):
+    """The array of save_checksummed, or ChecksumError when its bytes changed since it was written."""
+    with np.load(path) as stored:
+        array, checksum = stored["array"], str(stored["sha256"])
+    if hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() != checksum:
+        raise ChecksumError(f"{path}: its checksum differs from the one written with it")
+    return array
 
 
 def atomic_json_dump(obj, path):

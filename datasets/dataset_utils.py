@@ -82,7 +82,8 @@ def scan_images(folder):
     fingerprint of the file list that a stat per folder checks (tree_changes), without listing the files.
     One os.scandir per folder: several times faster than glob at a million files."""
     if not os.path.isdir(folder):
-        raise DatasetError(f"Folder {folder} does not exist: a dataset folder holds train/ (images) and val/, "
+        what = "is a file, not a folder of images" if os.path.exists(folder) else "does not exist"
+        raise DatasetError(f"Folder {folder} {what}: a dataset folder holds train/ (images) and val/, "
                            f"test/ (each with database/ and queries/)")
     paths, directories, pending = [], {}, [""]
     while pending:

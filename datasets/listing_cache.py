@@ -165,11 +165,16 @@ def read_class_cache(path):
 
 def write_class_cache(path, tree, groups, cache_folder):
     """Three pickles in a row (version, tree record, groups: numpy arrays, read at the speed of the disk). The
-    paths are relative to the folder, so the cache stays small."""
-    os.makedirs(cache_folder, exist_ok=True)
-    remove_stale_temporary_files(cache_folder)  # left by a run killed while writing its cache
+    paths are relative to the folder, so the cache stays small. A cache that cannot be written (read-only, full
+    disk) is a warning: the classes are computed, the next start computes them again."""
 
     def write(file):
         for part in (CACHE_VERSION, tree, groups):
             pickle.dump(part, file, protocol=pickle.HIGHEST_PROTOCOL)
-    atomic_write(path, write)
+    try:
+        os.makedirs(cache_folder, exist_ok=True)
+        remove_stale_temporary_files(cache_folder)  # left by a run killed while writing its cache
+        atomic_write(path, write)
+    except (OSError, UserError) as error:
+        logging.warning(f"The class cache is not written ({error}): the next start computes the classes again "
+                        f"(--cache_folder chooses where it goes)")

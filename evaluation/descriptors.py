@@ -1,5 +1,6 @@
-"""Descriptors of a dataset's images: the model's forward in inference (on the CPU frozen with TorchScript when it pays),
-batched by image size, shared between DDP processes, and cached on disk under a name that hashes all they depend on."""
+"""Descriptors of a dataset's images: the model's forward in inference (on the CPU frozen with TorchScript when it
+pays), batched by image size, shared between DDP processes, and cached on disk under a name that hashes all they
+depend on."""
 
 import hashlib
 import logging
@@ -111,32 +112,19 @@ def cache_file_path(cache_folder, dataset, model, flags, kind="descriptors", ext
     return os.path.join(cache_folder, f"{kind}_{dataset.dataset_name}_{digest.hexdigest()[:24]}.{extension}")
 
 
-def write_cached_descriptors(path, descriptors):
-    """The descriptors in the cache file path (.npz), with the SHA-256 of their bytes; a file that cannot be written
-    (read-only, full disk) is a warning: the descriptors are computed, the evaluation goes on without the cache."""
-    checksum = hashlib.sha256(np.ascontiguousarray(descriptors).data).hexdigest()
-    try:
-        files.remove_stale_temporary_files(os.path.dirname(os.path.abspath(path)))  # left by a killed run's write
-        files.atomic_write(path, lambda file: np.savez(file, descriptors=descriptors, sha256=checksum))
-    except files.UnwritableError as error:
-        logging.warning(f"The descriptors cache is not written ({error}): the next evaluation computes them again")
-
-
 def read_cached_descriptors(path, shape):
-    """The descriptors cached in path, or None when there are none; a cache file that is truncated, of another
-    shape or whose bytes changed since it was written (a killed or foreign write, a damaged disk) is reported and
-    recomputed, not an error."""
+    """The descriptors cached in path (files.save_checksummed), or None when there are none; a cache file that is
+    truncated, of another shape or whose bytes changed since it was written (a killed or foreign write, a damaged
+    disk) is reported and recomputed, not an error."""
     if not os.path.exists(path):
         return None
     try:
-        with np.load(path) as stored:
-            descriptors, checksum = stored["descriptors"], str(stored["sha256"])
-        if descriptors.shape != shape:
-            problem = f"holds {descriptors.shape} descriptors, {shape} expected"
-        elif hashlib.sha256(np.ascontiguousarray(descriptors).data).hexdigest() != checksum:
-            problem = "holds other descriptors than were written (its checksum differs: a damaged file)"
-        else:
+        descriptors = files.load_checksummed(path)
+        if descriptors.shape == shape:
             return descriptors
+        problem = f"holds {descriptors.shape} descriptors, {shape} expected"
+    except files.ChecksumError:
+        problem = "holds other descriptors than were written (its checksum differs: a damaged file)"
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         problem = f"cannot be read ({type(error).__name__}: {error})"
     logging.warning(f"The descriptors cache {path} {problem}: computing them again")
@@ -167,7 +155,11 @@ def dataset_descriptors(dataset, model, inference, database_descriptors=None, wo
                                       world_size=world_size, rank=rank)
     if database_descriptors is not None:
         descriptors[:database_num] = database_descriptors
-    if cache_path is not None and rank == 0:
-        write_cached_descriptors(cache_path, descriptors)
-        logging.debug(f"{dataset.dataset_name}: descriptors written to the cache {cache_path}")
+    if cache_path is not None and rank == 0:  # a cache that cannot be written costs the next evaluation, not this one
+        try:
+            files.save_checksummed(cache_path, descriptors)
+            logging.debug(f"{dataset.dataset_name}: descriptors written to the cache {cache_path}")
+        except files.UnwritableError as error:
+            logging.warning(f"The descriptors cache is not written ({error}): the next evaluation computes them "
+                            f"again")
     return descriptors

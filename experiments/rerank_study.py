@@ -32,7 +32,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--pretrained", required=True, help="weights file of --backbone")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "experiments", "rerank_study"))
-    parser.add_argument("--matchers", nargs="+", default=None, help="default: every matcher of reranking/matchers.py's MATCHERS")
+    parser.add_argument("--matchers", nargs="+", default=None,
+                        help="default: every matcher of reranking/matchers.py's MATCHERS")
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--iterations", type=int, default=200, help="fine-tuning iterations (batch 32)")
     parser.add_argument("--image_size", type=int, default=224, help="training and retrieval test size")

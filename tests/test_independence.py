@@ -112,7 +112,7 @@ def test_a_damaged_descriptors_cache_is_recomputed_and_rewritten(synthetic_datas
     computed = extraction.dataset_descriptors(dataset, model, inference)
     [cache] = [tmp_path / name for name in os.listdir(tmp_path)]
     with np.load(cache) as stored:
-        zeroed = {"descriptors": np.zeros_like(stored["descriptors"]), "sha256": stored["sha256"]}
+        zeroed = {"array": np.zeros_like(stored["array"]), "sha256": stored["sha256"]}
     np.savez(cache, **zeroed)  # the right size and shape, other numbers (a damaged disk, a foreign write)
     with caplog.at_level("WARNING"):
         again = extraction.dataset_descriptors(dataset, model, inference)
@@ -182,13 +182,36 @@ def test_geolocalize_reranks_the_plain_retrieval(synthetic_dataset, tmp_path):
         assert all(item["verified_matches"] is not None for item in reranked_photo["top_k"])
 
 
-def test_pictures_that_cannot_be_written_keep_the_evaluation(synthetic_dataset, tmp_path, monkeypatch, caplog):
+def test_pictures_that_cannot_be_written_keep_the_evaluation(synthetic_dataset, tmp_path, monkeypatch):
     import visualizations
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(visualizations, "save_summary_page", disk_full)
+    results, _ = evaluate(synthetic_dataset, tmp_path, "--num_preds_to_save", "2")
+    [folder] = run_folders(tmp_path, "run0")
+    with open(os.path.join(folder, "info.log")) as file:
+        assert "The prediction pictures of synthetic0/test are not all written" in file.read()
+    assert os.path.isfile(os.path.join(folder, "results.json")) and list(results["test_sets"].values())[0]["R@1"] >= 0
+
+
+def test_an_unwritable_class_cache_keeps_the_classes(synthetic_dataset, tmp_path, caplog):
+    from datasets.listing_cache import load_groups
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")  # a file where the cache folder should be: unwritable even for root
+    train = os.path.join(synthetic_dataset, "train")
     with caplog.at_level("WARNING"):
-        results, _ = evaluate(synthetic_dataset, tmp_path, "--num_preds_to_save", "2")
-    assert "The prediction pictures of synthetic0/test are not all written" in caplog.text
-    assert list(results["test_sets"].values())[0]["R@1"] >= 0  # results.json written
+        groups = load_groups(train, 10, 30, 5, 2, 10, str(blocker / "cache"))
+    assert "The class cache is not written" in caplog.text
+    assert groups == load_groups(train, 10, 30, 5, 2, 10, str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("flag", ["--test_set_folder", "--adabn_folder"])
+def test_a_file_given_as_a_folder_is_named_as_such(flag, synthetic_dataset, tmp_path):
+    image = os.path.join(synthetic_dataset, "test", "queries", sorted(os.listdir(
+        os.path.join(synthetic_dataset, "test", "queries")))[0])
+    folder = image if flag == "--test_set_folder" else os.path.join(synthetic_dataset, "test")
+    extra = ["--adabn_folder", image] if flag == "--adabn_folder" else []
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        eval_script.main(["--test_set_folder", folder, "--pretrained", "none", "--device", "cpu", "--num_workers", "0",
+                          "--logs_root", str(tmp_path / "logs"), *extra])

@@ -253,7 +253,8 @@ def test_truncated_caches_are_recomputed_with_a_warning(synthetic_dataset, tmp_p
     import numpy as np
 
     from datasets.listing_cache import load_groups
-    from evaluation.descriptors import read_cached_descriptors, write_cached_descriptors
+    from core.files import save_checksummed
+    from evaluation.descriptors import read_cached_descriptors
     train = os.path.join(synthetic_dataset, "train")
     groups = load_groups(train, 10, 30, 5, 2, 10, str(tmp_path))
     [cache] = glob.glob(str(tmp_path / "groups_*.pt"))
@@ -263,7 +264,7 @@ def test_truncated_caches_are_recomputed_with_a_warning(synthetic_dataset, tmp_p
         assert load_groups(train, 10, 30, 5, 2, 10, str(tmp_path)) == groups
     assert f"The class cache {cache} cannot be read" in caplog.text and "computing the classes again" in caplog.text
     descriptors = tmp_path / "descriptors.npz"
-    write_cached_descriptors(str(descriptors), np.ones((4, 8), dtype=np.float32))
+    save_checksummed(str(descriptors), np.ones((4, 8), dtype=np.float32))
     assert read_cached_descriptors(str(descriptors), (4, 8)).shape == (4, 8)
     with open(descriptors, "r+b") as file:
         file.truncate(100)

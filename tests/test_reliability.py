@@ -273,12 +273,12 @@ def test_bad_checkpoints_are_named_with_what_is_wrong(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match=f"{tmp_path / 'missing.pth'}: no such file"):
         checkpoints.load_model_weights(model, str(tmp_path / "missing.pth"))
     (tmp_path / "notes.pth").write_text("not a checkpoint")
-    with pytest.raises(checkpoints.CheckpointError, match="notes.pth is not a PyTorch checkpoint"):
+    with pytest.raises(checkpoints.CheckpointError, match="notes.pth cannot be read as a PyTorch checkpoint: a damaged or truncated file"):
         checkpoints.load_model_weights(model, str(tmp_path / "notes.pth"))
     torch.save(model.state_dict(), tmp_path / "model.pth")
     data = (tmp_path / "model.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[:len(data) // 2])
-    with pytest.raises(checkpoints.CheckpointError, match="truncated.pth is not a PyTorch checkpoint"):
+    with pytest.raises(checkpoints.CheckpointError, match="truncated.pth cannot be read as a PyTorch checkpoint: a damaged or truncated file"):
         checkpoints.load_model_weights(model, str(tmp_path / "truncated.pth"))
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(checkpoints.CheckpointError, match="list.pth is not a model checkpoint: expected a state dict"):

@@ -33,7 +33,9 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint: a damaged or truncated file (a copy or a "
+                              f"download cut short?), or another kind of file; give a complete checkpoint "
+                              f"({type(e).__name__}: {e})") from e
 
 
 def extract_model_state_dict(checkpoint, path):
