@@ -215,3 +215,12 @@ def test_a_file_given_as_a_folder_is_named_as_such(flag, synthetic_dataset, tmp_
     with pytest.raises(DatasetError, match="is a file, not a folder"):
         eval_script.main(["--test_set_folder", folder, "--pretrained", "none", "--device", "cpu", "--num_workers", "0",
                           "--logs_root", str(tmp_path / "logs"), *extra])
+
+
+def test_save_descriptors_changes_no_recall(synthetic_dataset, plain_evaluation, tmp_path):
+    """The runs above all save their descriptors (to compare them): without --save_descriptors, the same recalls."""
+    results = eval_script.main(["--test_set_folder", os.path.join(synthetic_dataset, "test"), "--pretrained", "none",
+                                "--fc_output_dim", "32", "--device", "cpu", "--num_workers", "0",
+                                "--logs_root", str(tmp_path / "logs")])
+    assert results["test_sets"] == plain_evaluation[0]["test_sets"]
+    assert not any(name == "descriptors.npz" for _, _, names in os.walk(tmp_path / "logs") for name in names)
