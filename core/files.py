@@ -139,10 +139,15 @@ class ChecksumError(ValueError):
     """A file whose bytes are not those that were written."""
 
 
+def array_sha256(array):
+    """The SHA-256 of a numpy array's bytes, read in place (no copy of a contiguous array)."""
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
 def save_checksummed(path, array):
     """array (numpy) in the .npz file path, written atomically with the SHA-256 of its bytes (load_checksummed);
     the temporary files of killed writes in that folder are removed first."""
-    checksum = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+    checksum = array_sha256(array)
     remove_stale_temporary_files(os.path.dirname(os.path.abspath(path)))
     atomic_write(path, lambda file: np.savez(file, array=array, sha256=checksum))
 
@@ -151,7 +156,7 @@ def load_checksummed(path):
     """The array of save_checksummed, or ChecksumError when its bytes changed since it was written."""
     with np.load(path) as stored:
         array, checksum = stored["array"], str(stored["sha256"])
-    if hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() != checksum:
+    if array_sha256(array) != checksum:
         raise ChecksumError(f"{path}: its checksum differs from the one written with it")
     return array
 
