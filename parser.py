@@ -15,6 +15,7 @@ import os
 import secrets
 import sys
 
+from core import cpu
 from core.errors import UserError
 from evaluation.settings import IndexSettings, InferenceSettings, RerankSettings
 
@@ -143,7 +144,8 @@ def add_training_flags(parser):
     group.add_argument("--scheduler_patience", type=non_negative_int, default=2,
                        help="--scheduler plateau: epochs without a better val R@1 before the lr is reduced")
     group.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none",
-                       help="mixed precision of the training steps on CUDA (evaluation: --eval_amp)")
+                       help="mixed precision of the training steps: fp16 or bf16 on CUDA, bf16 on the CPU (where it has "
+                            "bfloat16 units: see the start of the log); evaluation: --eval_amp")
     group.add_argument("--use_amp16", dest="amp", action="store_const", const="fp16", help="same as --amp fp16")
     group.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; first steps are slow)")
     group.add_argument("--loss", default="cosface", metavar="NAME",
@@ -181,6 +183,10 @@ def add_training_flags(parser):
     group.add_argument("--log_every", type=positive_int, default=100,
                        help="iterations between two reads of the loss, counted over the whole training (each read "
                             "waits for the device; the first one logs an estimate of the training time left)")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write each metrics.jsonl record as TensorBoard scalars in RUN/tensorboard/, as it "
+                            "is logged (val/R@N, train/, lr/, speed/, time/): watch with tensorboard --logdir logs/ "
+                            "(needs pip install tensorboard)")
     group.add_argument("--resume_train", type=str, default=None,
                        help="last_checkpoint.pth of a run to continue (model, heads, optimizers, RNG)")
 
@@ -267,7 +273,8 @@ def add_inference_flags(parser):
     group.add_argument("--test_resize", choices=["shorter_side", "square"], default="shorter_side",
                        help="how --test_image_size resizes the test images")
     group.add_argument("--eval_amp", choices=["none", "fp16", "bf16"], default="none",
-                       help="mixed precision of descriptor extraction on CUDA (none: fp32, as upstream)")
+                       help="mixed precision of descriptor extraction: fp16 or bf16 on CUDA, bf16 on the CPU (none: fp32, "
+                            "as upstream)")
     group.add_argument("--descriptors_cache", type=str, default=None,
                        help="folder of cached descriptors, keyed by the model's weights, the images and the "
                             "test flags (never stale): evaluating the same model again skips the extraction")
@@ -530,8 +537,8 @@ def parse_arguments(script="train", argv=None, parser=None):
 
 def implicit_settings(args):
     """What was not given as such, as (logging level, line): the seed drawn for --seed -1, the flags read beside
-    --resume_model, the recipe in force, and once which flags have no effect on this device (instead of ignoring
-    them silently)."""
+    --resume_model, the recipe in force, on the CPU whether it computes bfloat16 natively (core/cpu.py), and once
+    which flags have no effect on this device (instead of ignoring them silently)."""
     notes = []
     if getattr(args, "seed_drawn", False):
         notes.append((logging.INFO, f"--seed -1: drew the seed {args.seed} (pass --seed {args.seed} to repeat this "
@@ -542,12 +549,15 @@ def implicit_settings(args):
     if hasattr(args, "recipe"):
         notes.append((logging.INFO, f"Recipe {args.recipe}: BatchNorm statistics frozen: {args.freeze_bn_stats}"))
     on_cpu = not args.device.startswith("cuda")
-    ineffective = [f"--{flag} {getattr(args, flag)}" for flag in ("amp", "eval_amp")
-                   if on_cpu and getattr(args, flag, "none") != "none"]
+    if on_cpu:
+        bf16 = [f"--{flag} bf16" for flag in ("amp", "eval_amp") if getattr(args, flag, "none") == "bf16"]
+        is_warning, note = cpu.bf16_note(bf16)
+        notes.append((logging.WARNING if is_warning else logging.INFO, note))
+    ineffective = [f"--{flag} fp16" for flag in ("amp", "eval_amp") if on_cpu and getattr(args, flag, "none") == "fp16"]
     ineffective += ["--decode_on_gpu"] if on_cpu and getattr(args, "decode_on_gpu", False) else []
     if ineffective:
-        notes.append((logging.WARNING, f"{', '.join(ineffective)}: no effect on the CPU (it runs in fp32, decoding "
-                                       f"on the CPU)"))
+        notes.append((logging.WARNING, f"{', '.join(ineffective)}: no effect on the CPU (fp16 runs in fp32 there, "
+                                       f"use bf16; decoding stays on the CPU)"))
     return notes
 
 

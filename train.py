@@ -40,7 +40,7 @@ from model import network  # noqa: E402
 from reranking import matchers  # noqa: E402
 from reranking.stage import rerank_test  # noqa: E402
 from retrieval.recalls import recalls_to_str  # noqa: E402
-from training import checkpoints, domain_adaptation, losses_log, optimizers, ssl_losses  # noqa: E402
+from training import checkpoints, domain_adaptation, live_curves, losses_log, optimizers, ssl_losses  # noqa: E402
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Run:
     clock_start: float = 0.0
     clock_steps: int = 0
     time_estimated: bool = False
+    curves: live_curves.TensorBoardCurves = None  # --tensorboard, on the main process
 
     @property
     def memory_format(self):
@@ -70,6 +71,12 @@ class Run:
 
     def restart_clock(self, steps_done):
         self.clock_start, self.clock_steps = time.time(), steps_done
+
+    def write_metrics(self, record):
+        """Appends a record to metrics.jsonl and, with --tensorboard, to the live curves (main process only)."""
+        files.append_jsonl(record, self.path("metrics.jsonl"))
+        if self.curves:
+            self.curves.add(record)
 
 
 def start_logging(args, world_size, rank):
@@ -201,7 +208,7 @@ def validate(run, state, val_ds, progress, **epoch_totals):
                  + f"; {val_ds}: {recalls_to_str(recalls, args.recall_values)}; {speed}validation "
                  f"{record['validation_time_s']:.0f} s, peak memory {record['peak_memory_mb']:.0f} MB")
     if run.is_main:
-        files.append_jsonl(record, run.path("metrics.jsonl"))
+        run.write_metrics(record)
         if is_best:  # before any checkpoint that counts on it
             checkpoints.atomic_torch_save(model.state_dict(), run.path("best_model.pth"))
     run.restart_clock(steps_done)
@@ -324,6 +331,8 @@ def main(args):
 
     #### Logging: only the main process writes (logs, checkpoints)
     run = Run(args, world_size, rank, start_logging(args, world_size, rank), start_time)
+    if args.tensorboard and run.is_main:
+        run.curves = live_curves.TensorBoardCurves(run.path("tensorboard"))
     commons.make_deterministic(args.seed)
     commons.reuse_freed_memory()
 
@@ -351,7 +360,7 @@ def main(args):
     progress = checkpoints.TrainingProgress() if not args.resume_train else checkpoints.resume_training(
         args.resume_train, state, vars(args), world_size, rank, run.output_folder)
     for record in progress.metrics_history if run.is_main else ():  # each run folder holds the whole history
-        files.append_jsonl(record, run.path("metrics.jsonl"))
+        run.write_metrics(record)
 
     #### Train / evaluation loop
     logging.info("Start training ...")
@@ -391,6 +400,8 @@ def main(args):
             logging.info(f"Removed {run.path('last_checkpoint.pth')}: the training has finished "
                          f"(--no-keep_last_checkpoint)")
         logging.info("Experiment finished (without any errors)")
+    if run.curves:
+        run.curves.close()
     distributed.end_distributed(world_size)
     return run.output_folder
 

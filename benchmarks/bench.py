@@ -11,7 +11,8 @@ DeviceAgnosticColorJitter at 512 px, then DeviceAgnosticRandomResizedCrop to the
 fp32 with loss.item() at every step, and queries are evaluated one at a time (batch size 1). Ours is what
 train.py and test.py run: uint8 tensors decoded at reduced scale (Pillow draft mode), batched augmentation on
 the device, AMP (--amp, bf16 on CUDA by default), channels_last (on by default), queries batched by size,
-freed CPU memory reused (commons.reuse_freed_memory); on CUDA also with --decode_on_gpu. Sections:
+freed CPU memory reused (commons.reuse_freed_memory); on CUDA also with --decode_on_gpu; on the CPU also in bf16
+autocast (the column ours_bf16: --amp bf16 --eval_amp bf16; core/cpu.py says whether the CPU has bf16 units). Sections:
   - input pipeline: loading + default augmentations at --image_size, no network;
   - training: full steps (ResNet-18 + GeM + CosFace, Adam) at --train_image_size, and the network alone on a
     fixed batch (the upper bound of any input pipeline);
@@ -46,7 +47,7 @@ import test  # noqa: E402
 from benchmarks.naive_pipeline import (NaiveAugmentation, NaiveTrainDataset, naive_descriptors,  # noqa: E402
                                        naive_retrieval)
 from benchmarks.timing import synchronize, timed_loop  # noqa: E402
-from core import devices, files  # noqa: E402
+from core import cpu, devices, files  # noqa: E402
 from datasets.image_loading import collate_images, images_to_device  # noqa: E402
 from datasets.synthetic import generate_dataset  # noqa: E402
 from datasets.test_dataset import TestDataset  # noqa: E402
@@ -106,7 +107,7 @@ def training_step(pipeline, args, classes_num):
     parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=args.lr)
     criterion = torch.nn.CrossEntropyLoss()
-    amp = "none" if pipeline == "naive" else args.amp
+    amp = "none" if pipeline == "naive" else "bf16" if pipeline.endswith("bf16") else args.amp
 
     def step(images, targets):
         optimizer.zero_grad(set_to_none=True)
@@ -130,7 +131,7 @@ def case_train(pipeline, config):
     args = project_args(config, config.train_image_size)
     loader = train_loader(pipeline, args, config)
     augment, step = augmented_batches(pipeline, args), training_step(pipeline, args, len(loader.dataset))
-    if pipeline == "network":  # a fixed batch already on the device: the network alone
+    if pipeline.startswith("network"):  # a fixed batch already on the device: the network alone
         images, targets = augment(next(iter(loader)))
         return timed_loop(itertools.repeat(None), lambda _: step(images, targets), config.train_iterations,
                           args.device, args.batch_size, WARMUP_BATCHES)
@@ -153,7 +154,9 @@ def case_eval(pipeline, config):
         retrieve = lambda d: naive_retrieval(d[:dataset.database_num], d[dataset.database_num:], positives,
                                              args.recall_values)
     else:
-        if not args.device.startswith("cuda"):
+        if pipeline == "ours_bf16":
+            args.eval_amp = "bf16"
+        elif not args.device.startswith("cuda"):
             args.eval_amp = "none"
         compute_descriptors(model, dataset, args.device, args.infer_batch_size, args.num_workers, args.eval_amp,
                             args.channels_last, indices=[*warmup_database, *warmup_queries])
@@ -256,9 +259,10 @@ def table(results, config, pipelines):
             LOADER_METRICS + MEMORY_METRICS)
     section(f"Training at {config.train_image_size} px (batch {config.batch_size}, {config.num_workers} workers)",
             "train", LOADER_METRICS + MEMORY_METRICS)
-    network_rate = results.get("train:network", {}).get("images_per_s")
-    if network_rate:
-        lines.append(f"{'  network alone on a fixed batch, images/s (bound)':<52}{number(network_rate):>17}")
+    network_rates = [results.get(f"train:{p}", {}).get("images_per_s") for p in ("network", "network_bf16")]
+    if network_rates[0]:
+        lines.append(f"{'  network alone on a fixed batch, images/s (bound)':<52}" + "".join(
+            f"{number(rate):>17}" for rate in network_rates if rate))
     section(f"Evaluation ({TEST_PLACES * 2} database + {TEST_PLACES} queries at 512 px, infer batch "
             f"{config.infer_batch_size})", "eval",
             (("descriptors_images_per_s", "descriptor extraction, images/s"),
@@ -289,7 +293,9 @@ def machine_description(device):
                 name = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    return f"{name}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}"
+    units = cpu.bf16_units()
+    bf16 = "unknown" if units is None else ", ".join(units) or "none"
+    return f"{name}, {os.cpu_count()} CPUs (bf16 units: {bf16}), torch {torch.__version__}, device {device}"
 
 
 def main():
@@ -301,7 +307,8 @@ def main():
     cli.add_argument("--num_workers", type=int, default=2)
     cli.add_argument("--device", default="auto", help="auto, cpu or cuda")
     cli.add_argument("--amp", default=None, choices=["none", "fp16", "bf16"],
-                     help="our pipeline's --amp (default: bf16 on CUDA; the CPU ignores it); naive is fp32")
+                     help="our pipeline's --amp (default: bf16 on CUDA, none on the CPU, with an ours_bf16 column "
+                          "beside it); naive is fp32")
     cli.add_argument("--iterations", type=int, default=10, help="timed batches of the input pipeline")
     cli.add_argument("--train_iterations", type=int, default=8, help="timed training steps")
     cli.add_argument("--retrieval_repeats", type=int, default=20, help="repeats of the (fast) retrieval timing")
@@ -326,6 +333,7 @@ def main():
             cli.error("--original needs --dataset_folder (train/, val/ and test/ with database/ and queries/)")
         import side_by_side
         config.iterations = config.side_by_side_iterations
+        config.dataset_folder = os.path.abspath(config.dataset_folder)  # each train.py runs in its own checkout
         figures = side_by_side.compare(config)
         if config.out:
             files.atomic_json_dump({"machine": machine_description("cpu"), "config": vars(config), **figures},
@@ -343,16 +351,22 @@ def main():
             generate_dataset(config.data, train_places=TRAIN_PLACES, val_places=1, test_places=TEST_PLACES,
                              images_per_train_place=IMAGES_PER_PLACE, view_size=512, seed=0)
             print(f"Synthetic 512 px JPEGs written in {time.perf_counter() - start_time:.0f} s", flush=True)
-        pipelines = ["ours"] + (["ours_gpu_decode"] if config.device.startswith("cuda") else []) + ["naive"]
+        on_cuda = config.device.startswith("cuda")
+        bf16_rows = not on_cuda and config.amp == "none"  # the CPU's fp32 default beside --amp bf16
+        pipelines = ["ours"] + (["ours_gpu_decode"] if on_cuda else []) + (["ours_bf16"] if bf16_rows else []) + \
+            ["naive"]
         cases = [f"{section}:{p}" for section in ("input", "train", "eval") if section in config.sections
-                 for p in pipelines] + (["train:network"] if "train" in config.sections else [])
+                 for p in pipelines if section != "input" or p != "ours_bf16"]  # no network in the input section
+        cases += [f"train:{p}" for p in ["network"] + (["network_bf16"] if bf16_rows else [])
+                  if "train" in config.sections]
         if "retrieval" in config.sections and config.retrieval_database:
             cases.append("retrieval")
         results = {}
         for case in cases:
             start_time = time.perf_counter()
             command = [sys.executable, os.path.abspath(__file__), "--case", case, "--data", config.data] + \
-                [f"--{k}={v}" for k, v in vars(config).items() if k not in ("case", "data", "out", "sections")]
+                [f"--{k}={v}" for k, v in vars(config).items()
+                 if k not in ("case", "data", "out", "sections") and v is not None]  # None would arrive as "None"
             completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
             if completed.returncode != 0:
                 raise SystemExit(f"benchmark case {case} failed:\n{completed.stdout[-3000:]}\n"

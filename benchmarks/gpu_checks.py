@@ -42,9 +42,10 @@ def project_args(device, image_size=128):
 
 
 def check_amp_step(device, amp):
-    """Three training steps under autocast (fp16 through a GradScaler): finite losses, weights updated."""
-    if not device.startswith("cuda"):
-        raise Skipped("autocast is for CUDA")
+    """Three training steps under autocast (fp16 through a GradScaler; bf16 on CUDA or the CPU): the network computes
+    in that precision, the losses are finite, the weights of the backbone and the head are updated."""
+    if not device.startswith("cuda") and amp != "bf16":
+        raise Skipped("fp16 autocast is for CUDA")
     args = project_args(device)
     torch.manual_seed(0)
     model = network.GeoLocalizationNet(**parser.model_options(args)).to(device)
@@ -54,18 +55,22 @@ def check_amp_step(device, amp):
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     images = torch.rand(16, 3, 128, 128, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.arange(16, device=device) % 10
-    before = head.weight.detach().clone()
+    first_layer = next(p for p in model.parameters() if p.requires_grad)
+    before = [head.weight.detach().clone(), first_layer.detach().clone()]
     losses = []
     for _ in range(3):
         optimizer.zero_grad(set_to_none=True)
         with devices.autocast_context(device, amp):
-            loss = torch.nn.functional.cross_entropy(head(model(images), targets).float(), targets)
+            descriptors = model(images)
+            loss = torch.nn.functional.cross_entropy(head(descriptors, targets).float(), targets)
+        expected = torch.float16 if amp == "fp16" else torch.bfloat16
+        assert descriptors.dtype == expected, f"the network computed in {descriptors.dtype}, not {expected}"
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         losses.append(loss.item())
     assert all(map(torch.isfinite, map(torch.tensor, losses))), f"losses {losses}"
-    assert not torch.equal(before, head.weight.detach()), "the weights did not change"
+    assert not any(map(torch.equal, before, [head.weight.detach(), first_layer.detach()])), "weights did not change"
     return f"losses {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 

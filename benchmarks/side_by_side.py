@@ -74,16 +74,17 @@ def run_original(config, work_folder):
             "process_s": seconds, "loss": loss, "log": log}
 
 
-def run_ours(config, work_folder):
-    """This project's train.py; training and validation times from its metrics.jsonl, the test's from its log."""
+def run_ours(config, work_folder, amp="none"):
+    """This project's train.py (with --amp and --eval_amp amp); training and validation times from its metrics.jsonl,
+    the test's from its log."""
     logs = os.path.join(REPO_ROOT, "logs")
     seconds = run([sys.executable, "train.py", "--dataset_folder", config.dataset_folder, "--groups_num", "1",
                    "--epochs_num", "1", "--iterations_per_epoch", str(config.iterations), "--batch_size",
                    str(config.batch_size), "--image_size", str(config.train_image_size), "--train_all_layers",
                    "--pretrained", "none", "--num_workers", str(config.num_workers), "--device", "cpu", "--seed", "0",
-                   "--logs_root", logs, "--save_dir", "side_by_side", "--cache_folder",
-                   os.path.join(work_folder, "cache")], cwd=REPO_ROOT)
-    folder = newest_folder(os.path.join(logs, "side_by_side"))
+                   "--logs_root", logs, "--save_dir", f"side_by_side_{amp}", "--cache_folder",
+                   os.path.join(work_folder, "cache"), "--amp", amp, "--eval_amp", amp], cwd=REPO_ROOT)
+    folder = newest_folder(os.path.join(logs, f"side_by_side_{amp}"))
     with open(os.path.join(folder, "metrics.jsonl")) as file:
         (record,) = [json.loads(line) for line in file]
     testing, finished = log_times(os.path.join(folder, "info.log"), "Testing on", "Experiment finished")
@@ -93,18 +94,21 @@ def run_ours(config, work_folder):
 
 
 def compare(config):
-    """Runs both, prints one table; returns the figures."""
+    """Runs the original, ours in fp32 (the default) and ours in bf16 autocast (--amp bf16 --eval_amp bf16: where the
+    CPU has bfloat16 units, core/cpu.py), prints one table; returns the figures."""
     with tempfile.TemporaryDirectory(prefix="side_by_side_") as work_folder:
         original = run_original(config, work_folder)
         print(f"  original CosPlace: done ({original['log']})", flush=True)
-        ours = run_ours(config, work_folder)
-        print(f"  this project: done ({ours['log']})", flush=True)
+        ours = {amp: run_ours(config, work_folder, amp) for amp in ("none", "bf16")}
+        print(f"  this project: done ({', '.join(run['log'] for run in ours.values())})", flush=True)
     lines = [f"ResNet-18 random init, {config.train_image_size} px, batch {config.batch_size}, all layers, "
              f"{config.iterations} iterations, seed 0, {config.num_workers} workers, CPU; {config.dataset_folder}",
-             f"{'':<24}{'original':>12}{'ours':>12}{'speed-up':>12}"]
+             f"{'':<24}{'original':>12}{'ours fp32':>12}{'speed-up':>10}{'ours bf16':>12}{'speed-up':>10}"]
     for key, label in (("train_s", "training, s"), ("validation_s", "validation, s"), ("test_s", "test, s"),
                        ("process_s", "whole process, s")):
-        lines.append(f"{label:<24}{original[key]:>12.1f}{ours[key]:>12.1f}{original[key] / ours[key]:>11.2f}x")
-    lines.append(f"{'epoch loss':<24}{original['loss']:>12.4f}{ours['loss']:>12.4f}")
+        lines.append(f"{label:<24}{original[key]:>12.1f}" + "".join(
+            f"{run[key]:>12.1f}{original[key] / run[key]:>9.2f}x" for run in ours.values()))
+    lines.append(f"{'epoch loss':<24}{original['loss']:>12.4f}" + "".join(f"{run['loss']:>12.4f}{'':>10}"
+                                                                         for run in ours.values()))
     print("\n".join(lines))
-    return {"original": original, "ours": ours, "table": "\n".join(lines)}
+    return {"original": original, "ours": ours["none"], "ours_bf16": ours["bf16"], "table": "\n".join(lines)}

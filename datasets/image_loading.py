@@ -4,7 +4,7 @@ Images are returned as uint8 CHW tensors; conversion to float, augmentation and 
 batched on the model's device (see augmentations.py), so the loader workers only decode and resize.
 With --decode_on_gpu the workers do not even decode: they read the JPEG files' bytes (load_encoded_image),
 collate_images keeps them as a list, and images_to_device decodes the whole batch at once on the GPU
-(nvJPEG through torchvision) and resizes it there.
+(nvJPEG through TorchCodec: torchvision's decoding is deprecated since 0.29) and resizes it there.
 Every path applies the EXIF orientation (phone photos are often stored sideways with Orientation 6) and scales
 16-bit images to 8 bits, so training, test sets, geolocalize.py and make_dataset.py see the same pixels.
 """
@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torchvision
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import default_collate
 from torchvision.transforms.v2 import functional as TF
@@ -175,9 +174,9 @@ class EncodedImages(NamedTuple):
 
 
 def is_upright_jpeg(data):
-    """Whether the bytes are a JPEG without EXIF orientation to apply: nvJPEG ignores the orientation (torchvision
-    applies it only on the CPU), so the others are decoded by the loader worker. Bytes whose header Pillow cannot
-    read are left to decode_jpegs, which names the file."""
+    """Whether the bytes are a JPEG without EXIF orientation to apply: nvJPEG ignores the orientation, so the
+    others are decoded by the loader worker. Bytes whose header Pillow cannot read are left to decode_jpegs, which
+    names the file."""
     if bytes(data[:3].numpy()) != JPEG_MAGIC:
         return False
     try:
@@ -192,8 +191,9 @@ def load_encoded_image(path, size=None, resize="square"):
     by images_to_device; other images (PNG, turned JPEGs) are decoded here, at the requested size."""
     check_regular_file(path)
     try:
-        data = torchvision.io.read_file(path)
-    except (OSError, RuntimeError) as e:
+        with open(path, "rb") as file:
+            data = torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
+    except OSError as e:
         raise ImageLoadError(f"{path}: cannot be read ({e}); {SKIP_HINT}") from e
     if not is_upright_jpeg(data):
         return EncodedImage(load_image_tensor(path, size, resize), path)
@@ -212,14 +212,29 @@ def collate_images(batch):
     return default_collate(batch)
 
 
+def jpeg_decoder():
+    """TorchCodec's decode_jpeg (the successor of torchvision's, deprecated since torchvision 0.29: same pixels,
+    nvJPEG batches on CUDA), imported at the first batch of --decode_on_gpu only."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError) as error:  # not installed, or built for another torch
+        raise UserError(f"--decode_on_gpu decodes the JPEGs with TorchCodec, which cannot be imported "
+                        f"({type(error).__name__}: {' '.join(str(error).split())[:200]}): pip install the torchcodec "
+                        f"release made for your torch {torch.__version__.split('+')[0]} (see "
+                        f"https://github.com/meta-pytorch/torchcodec#installing-torchcodec), or leave out "
+                        f"--decode_on_gpu") from None
+    return decode_jpeg
+
+
 def decode_jpegs(data, paths, device):
     """Decodes the JPEG bytes in one batched call on device; a file that cannot be decoded is named."""
+    decode_jpeg = jpeg_decoder()
     try:
-        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        return decode_jpeg(data, mode="RGB", device=device)
     except RuntimeError:
         for one_data, path in zip(data, paths):  # which file is it? (only after a failure)
             try:
-                torchvision.io.decode_jpeg(one_data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+                decode_jpeg(one_data, mode="RGB", device=device)
             except RuntimeError as e:
                 raise ImageLoadError(f"{path}: cannot be decoded as a JPEG on {device} ({e}); --check_images finds "
                                      f"every such file before training (with --on_bad_image skip, leaves them "

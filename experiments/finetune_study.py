@@ -7,8 +7,9 @@ Stages, in this order (each run is skipped when a finished one with the same nam
 so the command can be stopped and started again, and extended with more seeds):
 1. untrained: the pretrained backbone + GeM with its random FC, evaluated (val and test) without training;
 2. curves: each recipe of RECIPES trained for --curve_iterations, validated every --val_every iterations;
-3. extensions: on --best_recipe, each extension of EXTENSIONS trained for --extension_iterations, and AdaBN
-   (towards the val queries) applied to the plain recipe's best models.
+3. extensions: on --best_recipe, each extension of EXTENSIONS trained for --extension_iterations (bf16: training
+   in bf16 autocast), and each evaluation of EVALUATIONS applied to the plain recipe's best models (AdaBN towards
+   the val queries; eval_bf16: the same checkpoint evaluated in bf16).
 Then make_report.py aggregates the runs that differ only by --seed into mean +- std and plots the curves.
 Everything is tested at --image_size (224 px by default: about 1 s per iteration of 32 on a 2-core CPU).
 """
@@ -39,6 +40,12 @@ EXTENSIONS = {
     "netvlad": ["--aggregator", "netvlad"],
     "arcface": ["--loss", "arcface"],
     "vicreg": ["--ssl_loss", "vicreg"],
+    "bf16": ["--amp", "bf16"],  # training in bf16 autocast; validated and tested in fp32 like the others
+}
+# Evaluations of the plain extension's best models: name -> eval.py flags ({dataset} as above)
+EVALUATIONS = {
+    "adabn": ["--adabn_folder", "{dataset}/val/queries"],
+    "eval_bf16": ["--eval_amp", "bf16"],  # the same checkpoint as the plain run's fp32 test, in bf16
 }
 
 # Flags added to the project after the first runs of the committed study, which cannot change them: one group
@@ -57,7 +64,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--stages", nargs="+", choices=["untrained", "curves", "extensions"],
                         default=["untrained", "curves", "extensions"])
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
-    parser.add_argument("--extensions", nargs="+", choices=[*EXTENSIONS, "adabn"], default=[*EXTENSIONS, "adabn"])
+    parser.add_argument("--extensions", nargs="+", choices=[*EXTENSIONS, *EVALUATIONS],
+                        default=[*EXTENSIONS, *EVALUATIONS])
     parser.add_argument("--best_recipe", choices=list(RECIPES), default="finetune")
     parser.add_argument("--curve_seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--extension_seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -127,15 +135,16 @@ def main(argv=None):
                     training_flags(args, recipe, args.curve_iterations), "test_results.json")
     if "extensions" in args.stages:
         for seed in args.extension_seeds:
-            for extension in (e for e in args.extensions if e != "adabn"):
+            for extension in (e for e in args.extensions if e in EXTENSIONS):
                 run(args, "train.py", f"{args.best_recipe}_{extension}", seed,
                     training_flags(args, args.best_recipe, args.extension_iterations, EXTENSIONS[extension]),
                     "test_results.json")
             plain_run = finished_run(args, f"{args.best_recipe}_plain", seed, "test_results.json")
-            if "adabn" in args.extensions and plain_run:
-                run(args, "eval.py", f"{args.best_recipe}_adabn", seed,
+            for evaluation in (e for e in args.extensions if e in EVALUATIONS and plain_run):
+                run(args, "eval.py", f"{args.best_recipe}_{evaluation}", seed,
                     ["--resume_model", os.path.join(plain_run, "best_model.pth"), "--test_set_folder", *test_sets,
-                     "--adabn_folder", os.path.join(args.dataset_folder, "val", "queries")], "results.json")
+                     *[flag.format(dataset=args.dataset_folder) for flag in EVALUATIONS[evaluation]]],
+                    "results.json")
     print(f"[study] all runs done in {time.time() - start_time:.0f} s", flush=True)
     if not args.dry_run:
         subprocess.run([sys.executable, os.path.join(REPO_ROOT, "make_report.py"), os.path.join(args.out, "runs"),

@@ -13,7 +13,7 @@ from core.errors import UserError
 RUN_FILES = ("results.json", "test_results.json", "metrics.jsonl")
 # Flags that do not change the results: runs that differ only by these (and --seed) are seeds of one experiment
 NOT_CONFIGURATION = {"logs_root", "command", "git_commit", "resume_model", "resume_train", "num_workers", "device",
-                     "flags_from_checkpoint"}
+                     "flags_from_checkpoint", "tensorboard"}
 # Flags naming a file or folder: compared by their last two path components, as test sets name the columns, so that
 # runs that reached the same dataset or weights by another path (relative, absolute, moved) stay comparable
 PATH_FLAGS = {"dataset_folder", "train_set_folder", "val_set_folder", "test_set_folder", "pretrained",

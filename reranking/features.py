@@ -6,6 +6,7 @@ import os
 import zipfile
 
 import numpy as np
+from tqdm import tqdm
 
 from core import files
 from datasets.image_loading import ImageListDataset
@@ -71,7 +72,8 @@ class FeatureStore:
         if self.features is None:
             self.open()
         missing = sorted({int(i) for i in indices} - set(self.features))
-        for index in missing:
+        for index in tqdm(missing, ncols=100, desc=f"local features ({self.rerank.name})", leave=False,
+                          disable=len(missing) < 2):  # minutes for a database with a learned matcher on a CPU
             image = self.images[index][0]
             self.features[index] = {**self.matcher.features(image), "image_size": np.array(image.shape[1:])}
         self.computed += len(missing)

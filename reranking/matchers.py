@@ -21,6 +21,7 @@ import kornia
 import kornia.feature as KF
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from core.errors import UserError
 
@@ -166,10 +167,61 @@ class SiftMatcher(Matcher):
         return {"keypoints": KF.get_laf_center(lafs)[0].numpy(), "descriptors": compact(descriptors[0])}
 
     def correspondences(self, query, candidates):
+        return descriptor_pairs(query, candidates, lambda d0, d1: KF.match_smnn(d0, d1, self.RATIO)[1])
+
+
+def descriptor_pairs(query, candidates, match):
+    """[(query points, candidate points)] of the index pairs [M, 2] that match(query descriptors, candidate
+    descriptors) returns for each candidate."""
+    pairs = []
+    for candidate in candidates:
+        indices = match(descriptors_of(query), descriptors_of(candidate)).numpy()
+        pairs.append((query["keypoints"][indices[:, 0]], candidate["keypoints"][indices[:, 1]]))
+    return pairs
+
+
+class XFeatMatcher(Matcher):
+    """XFeat (Potje et al., CVPR 2024; kornia, weights downloaded once): keypoints and 64-D descriptors from a CNN
+    light enough for a CPU, matched as mutual nearest neighbours of cosine similarity above MIN_COSINE (the XFeat
+    authors' threshold: fewer outliers, a faster RANSAC), RANSAC homography."""
+    rerank_name = "xfeat"
+    MIN_COSINE = 0.82
+
+    def __init__(self, max_keypoints):
+        super().__init__(max_keypoints)
+        self.xfeat = pretrained("XFeat", lambda: KF.XFeat.from_pretrained(top_k=max_keypoints),
+                                self.rerank_name).eval()
+
+    @torch.inference_mode()
+    def features(self, image):
+        found = self.xfeat.detectAndCompute(image[None].float() / 255, top_k=self.max_keypoints)[0]
+        return {"keypoints": found["keypoints"].numpy(), "descriptors": compact(found["descriptors"])}
+
+    def correspondences(self, query, candidates):
+        def match(descriptors0, descriptors1):
+            distances, indices = KF.match_mnn(descriptors0, descriptors1)  # unit vectors: |d0 - d1|^2 = 2 - 2 cos
+            return indices[distances[:, 0] ** 2 <= 2 - 2 * self.MIN_COSINE]
+        return descriptor_pairs(query, candidates, match)
+
+
+class XFeatLighterGlueMatcher(XFeatMatcher):
+    """XFeat's keypoints and descriptors matched by LighterGlue, the LightGlue trained for XFeat (kornia, weights
+    downloaded once), RANSAC homography."""
+    rerank_name = "xfeat_lighterglue"
+
+    def __init__(self, max_keypoints):
+        super().__init__(max_keypoints)
+        self.lighterglue = pretrained("LighterGlue (XFeat)", lambda: KF.LightGlue("xfeat"), self.rerank_name).eval()
+
+    @torch.inference_mode()
+    def correspondences(self, query, candidates):
+        def image(features):
+            return {"keypoints": torch.from_numpy(features["keypoints"])[None],
+                    "descriptors": descriptors_of(features)[None],
+                    "image_size": torch.tensor(features["image_size"][::-1].copy())[None]}  # (width, height)
         pairs = []
         for candidate in candidates:
-            _, indices = KF.match_smnn(descriptors_of(query), descriptors_of(candidate), self.RATIO)
-            indices = indices.numpy()
+            indices = self.lighterglue({"image0": image(query), "image1": image(candidate)})["matches"][0].numpy()
             pairs.append((query["keypoints"][indices[:, 0]], candidate["keypoints"][indices[:, 1]]))
         return pairs
 
@@ -232,7 +284,8 @@ class LoftrMatcher(Matcher):
         return pairs
 
 
-MATCHERS = {"sift": SiftMatcher, "disk_lightglue": DiskLightGlueMatcher, "loftr": LoftrMatcher}
+MATCHERS = {"sift": SiftMatcher, "xfeat": XFeatMatcher, "xfeat_lighterglue": XFeatLighterGlueMatcher,
+            "disk_lightglue": DiskLightGlueMatcher, "loftr": LoftrMatcher}
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,7 +349,7 @@ def rerank(matcher, method, predictions, k, query_store, database_store, query_o
     features_seconds = time.perf_counter() - start
     inliers = np.zeros(top_k.shape)
     matches = []
-    for query_index, candidates in enumerate(top_k):
+    for query_index, candidates in enumerate(tqdm(top_k, ncols=100, desc=f"matching ({method}@{k})", leave=False)):
         found = candidates[candidates >= 0]
         verified = matcher.verify(query_features[query_index], database_store.get(found))
         inliers[query_index, :len(found)] = [count for count, _, _ in verified]

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, run_folders, run_script, tiny_training_args
 from core import errors, files
 
 SCRIPTS = ["train.py", "eval.py", "geolocalize.py", "analyze_dataset.py", "preview_augmentations.py",
-           "make_report.py", "make_dataset.py", "download_datasets.py"]
+           "make_report.py", "make_dataset.py", "download_datasets.py", "publish_model.py"]
 
 
 PACKAGES = ("core", "datasets", "model", "training", "evaluation", "retrieval", "reranking", "reporting")
@@ -224,8 +224,9 @@ def test_ctrl_c_names_the_last_good_checkpoint_and_the_resume_command(synthetic_
 
 def test_flags_without_effect_on_the_cpu_are_named_once(synthetic_dataset, tmp_path):
     result = run_script("train.py", *tiny_training_args(synthetic_dataset, tmp_path, "--image_size", "32", "--amp",
-                                                        "bf16", "--decode_on_gpu"))
-    assert result.stdout.count("--amp bf16, --decode_on_gpu: no effect on the CPU") == 1
+                                                        "fp16", "--decode_on_gpu"))
+    assert result.stdout.count("--amp fp16, --decode_on_gpu: no effect on the CPU") == 1
+    assert result.stdout.count("CPU: ") == 1  # whether it computes bfloat16 natively, once
 
 
 def test_a_huge_query_gets_a_warning_that_suggests_a_test_size(tmp_path, caplog):

@@ -5,8 +5,8 @@ results file, and the one-line error of a learned matcher whose weights cannot b
 import glob
 import json
 import os
+import shutil
 import time
-import urllib.error
 
 import numpy as np
 import pytest
@@ -15,12 +15,14 @@ from PIL import Image, ImageDraw
 
 import parser
 from reranking import matchers
-from conftest import run_script, tiny_training_args, train_in_process
+from conftest import REPO_ROOT, run_script, shared_or_skip, tiny_training_args, train_in_process
 from datasets.dataset_utils import find_images
 from datasets.test_dataset import TestDataset
 from evaluation.settings import RerankSettings
 from reranking.features import FeatureStore
 from reranking.stage import rerank_test
+
+MATCHER_WEIGHTS = os.path.join(REPO_ROOT, "..", "shared", "weights", "matchers")
 
 
 def texture(seed, size=128):
@@ -173,14 +175,16 @@ def test_geolocalize_reranks_its_predictions(synthetic_dataset, tmp_path):
         assert json.load(file)["rerank"]["rerank_k"] == 6
 
 
-@pytest.mark.parametrize("name", ["disk_lightglue", "loftr"])
+@pytest.mark.parametrize("name", ["xfeat", "xfeat_lighterglue", "disk_lightglue", "loftr"])
 def test_learned_matchers_run_and_cache_images_of_two_sizes(name, constructed_case, tmp_path, monkeypatch):
-    """Their weights cannot be had offline: with random ones, their code runs end to end (no verified matches to
-    expect), and their cached features (LoFTR's: images) come back for images of two sizes."""
+    """Without their weights (CI): with random ones, their code runs end to end (no verified matches to expect),
+    and their cached features (LoFTR's: images) come back for images of two sizes. With the real weights: the
+    test that follows."""
     import kornia.feature as KF
     import kornia.feature.lightglue as lightglue_module
     monkeypatch.setattr(lightglue_module, "load_state_dict_from_url", lambda *args, **kwargs: {})  # no weights
-    builds = {"DISK": KF.DISK, "LightGlue (DISK)": lambda: KF.LightGlueMatcher("disk"),
+    builds = {"DISK": KF.DISK, "LightGlue (DISK)": lambda: KF.LightGlueMatcher("disk"), "XFeat": KF.XFeat,
+              "LighterGlue (XFeat)": lambda: KF.LightGlue("xfeat"),
               "LoFTR (outdoor)": lambda: KF.LoFTR(pretrained=None)}
     monkeypatch.setattr(matchers, "pretrained", lambda what, build, rerank_name: builds[what]())
     matchers.build_matcher.cache_clear()
@@ -223,3 +227,39 @@ def test_unavailable_weights_are_one_line_and_fast(online, tmp_path, monkeypatch
 def test_rerank_flag_is_checked_against_the_registry():
     with pytest.raises(parser.FlagError, match="--rerank surf is unknown: choose one of none, sift, "):
         parser.parse_arguments("eval", ["--dataset_folder", "d", "--rerank", "surf"])
+
+
+@pytest.fixture(scope="module")
+def matcher_weights_home(tmp_path_factory):
+    """A torch hub folder whose checkpoints/ holds copies of the learned matchers' weights of ../shared, as a user
+    without internet makes it (skipped when ../shared has no such weights)."""
+    shared = shared_or_skip(MATCHER_WEIGHTS, "the learned matchers' weights (XFeat, LighterGlue, DISK, LightGlue)")
+    home = tmp_path_factory.mktemp("hub")
+    os.makedirs(home / "checkpoints")
+    for name in os.listdir(shared):
+        if name != "README.txt":
+            shutil.copy(os.path.join(shared, name), home / "checkpoints" / name)
+    return str(home)
+
+
+@pytest.mark.parametrize("name", ["xfeat", "xfeat_lighterglue", "disk_lightglue"])
+def test_learned_matchers_with_real_weights_offline_find_the_place_among_far_ones(
+        name, matcher_weights_home, sf_xs_night_mini, monkeypatch):
+    """Offline, with the weights copied into the torch hub cache: a night query of the real mini set and, at rank 2,
+    a database image of its place (within 25 m), among three taken over a kilometre away; the matcher verifies
+    several times more matches with the place and moves it to rank 1."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: matcher_weights_home)
+    monkeypatch.setattr(matchers, "internet_reachable", lambda host: False)
+    matchers.build_matcher.cache_clear()
+    matcher = matchers.build_matcher(name, 512)
+    matchers.build_matcher.cache_clear()
+    dataset = TestDataset(os.path.join(sf_xs_night_mini, "val"))
+    distances = np.linalg.norm(dataset.database_utms - dataset.queries_utms[0], axis=1)
+    place, far = dataset.get_positives()[0][0], np.argsort(-distances)[:3]
+    assert distances[place] < 25 and distances[far].min() > 1000
+    paths = [dataset.images_paths[i] for i in (far[0], place, far[1], far[2])] + [dataset.images_paths[
+        dataset.database_num]]
+    store = FeatureStore(matcher, RerankSettings(name, 4, image_size=224, keypoints=512), paths, "real")
+    result = matchers.rerank(matcher, name, np.array([[0, 1, 2, 3]]), 4, store, store, query_offset=4)
+    inliers = result.inliers[0]
+    assert result.predictions[0, 0] == 1 and inliers[1] >= 20 and inliers[1] >= 3 * max(inliers[[0, 2, 3]]), inliers

@@ -1,5 +1,6 @@
-"""Checkpoints: reading any weights file with a clear error, and the training checkpoint (last_checkpoint.pth)
-that lets a run continue exactly where it stopped. Every function takes what it works on as arguments."""
+"""Checkpoints: reading any weights file with a clear error (.pth, or the model.safetensors of publish_model.py), and
+the training checkpoint (last_checkpoint.pth) that lets a run continue exactly where it stopped. Every function takes
+what it works on as arguments."""
 
 import logging
 import math
@@ -8,6 +9,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 
 import commons
@@ -23,13 +25,19 @@ class CheckpointError(UserError, ValueError):
 def read_checkpoint(path):
     """Loads a checkpoint file, or raises CheckpointError saying what is wrong with it."""
     if os.path.isdir(path):
-        inside = [os.path.join(path, name) for name in ("best_model.pth", "last_checkpoint.pth")
-                  if os.path.isfile(os.path.join(path, name))]
+        names = ("best_model.pth", "last_checkpoint.pth", "model.safetensors")
+        inside = [os.path.join(path, name) for name in names if os.path.isfile(os.path.join(path, name))]
         raise CheckpointError(f"{path} is a folder, not a checkpoint: give the checkpoint file inside it ("
                               + (" or ".join(inside) if inside else "a run folder holds best_model.pth and "
-                                 "last_checkpoint.pth") + ")")
+                                 "last_checkpoint.pth; a folder of publish_model.py, model.safetensors") + ")")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".safetensors"):  # tensors only: loading runs no pickled code
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except safetensors.SafetensorError as e:
+            raise CheckpointError(f"{path} cannot be read as a safetensors file: a damaged or truncated file (a copy "
+                                  f"or a download cut short?); download or publish it again ({e})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, AttributeError, ValueError) as e:
@@ -66,10 +74,16 @@ def state_dict_mismatch(module, state_dict):
     return "; ".join(details)
 
 
+def read_model_weights(path, checkpoint=None):
+    """The model's state dict in the weights file path, whatever kind of checkpoint it is (checkpoint: its content,
+    if already read)."""
+    return extract_model_state_dict(read_checkpoint(path) if checkpoint is None else checkpoint, path)
+
+
 def load_model_weights(model, path, checkpoint=None):
     """Loads weights into model (from checkpoint if already read from path), with an error naming the keys
     and shapes that do not match."""
-    state_dict = extract_model_state_dict(read_checkpoint(path) if checkpoint is None else checkpoint, path)
+    state_dict = read_model_weights(path, checkpoint)
     mismatch = state_dict_mismatch(model, state_dict)
     if mismatch:
         raise CheckpointError(f"{path} does not fit this model (--backbone, --aggregator, --fc_output_dim?): "
@@ -138,6 +152,15 @@ class TrainingState:
 def atomic_torch_save(obj, path):
     """torch.save through files.atomic_write: a kill leaves the previous file or this one, never a truncated one."""
     files.atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def save_safetensors(state_dict, path):
+    """A state dict as a safetensors file, written atomically: tensors only, which anyone can load without running
+    pickled code (the format of the Hugging Face Hub). Each tensor is a contiguous copy, as safetensors takes no
+    views nor tensors that share memory."""
+    tensors = {name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+               for name, tensor in state_dict.items()}
+    files.atomic_write(path, lambda file: file.write(safetensors.torch.save(tensors, metadata={"format": "pt"})))
 
 
 def weights_are_finite(modules):
