@@ -197,17 +197,16 @@ def check_with_eval(args, matcher_name, model_flags, test_sets, recalls_by_run):
         return f"{matcher_name}: eval.py --rerank failed: {error}"
     with open(os.path.join(folder, "results.json")) as file:
         results = json.load(file)
-    differences = []
+    mismatches, details = [], []
     for key, label in results["labels"].items():
         by_eval = [round(results["test_sets"][key][f"R@{n}"], 3) for n in (1, 5)]
         by_pairs = [round(r, 3) for r in recalls_by_run["finetune", label, args.check_k]]
         if by_eval != by_pairs:
-            differences.append(f"{label}: eval.py {by_eval}, pair scores {by_pairs}")
-        ms = results["rerank_ms_per_query"][key]
-        differences.append(f"{label}: eval.py {ms:.0f} ms per query (features read from the cache)")
-    same = not any("pair scores" in d for d in differences)
-    return (f"{matcher_name}@{args.check_k}, fine-tuned: eval.py --rerank gives {'the same' if same else 'OTHER'} "
-            f"recalls as the pair scores ({'; '.join(differences)})")
+            mismatches.append(f"{label}: eval.py {by_eval}, pair scores {by_pairs}")
+        details.append(f"{label}: eval.py {results['rerank_ms_per_query'][key]:.0f} ms per query (features read "
+                       f"from the cache)")
+    return (f"{matcher_name}@{args.check_k}, fine-tuned: eval.py --rerank gives {'OTHER' if mismatches else 'the same'} "
+            f"recalls as the pair scores ({'; '.join(mismatches + details)})")
 
 
 def table(rows):
